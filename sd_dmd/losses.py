@@ -1,0 +1,115 @@
+"""DMD losses on denoiser callables (DESIGN.md; paper Sec. 4.2, Eq. 7-8).
+
+Each loss returns ``(loss, stats)``; stats are detached python floats for the loop to log.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .denoisers import Denoiser
+from .schedule import NoiseSchedule, append_dims
+
+
+def _per_sample_mean(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).mean(dim=1)
+
+
+def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch.Tensor, noise: torch.Tensor,
+             schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None):
+    """Distribution-matching loss for the generator turn.
+
+    grad = ((x - mu_real) - (x - mu_fake)) / mean_{C,H,W}|x - mu_real|  (Eq. 7 with Eq. 8's w_t)
+    loss = 0.5 * mse(x, stopgrad(x - grad)), whose gradient w.r.t. x is grad / numel.
+    ``fake=None`` drops the fake term (real score only; the paper's Figure 3a, mode-seeking).
+    """
+    x_t = schedule.add_noise(x.detach(), noise, t)
+    with torch.no_grad():
+        mu_real = real(x_t, t, cond).float()
+        xf = x.detach().float()
+        mu_fake = xf if fake is None else fake(x_t, t, cond).float()
+        p_real = xf - mu_real
+        p_fake = xf - mu_fake
+        weight = 1.0 / _per_sample_mean(p_real.abs())  # Eq. 8, per sample
+        grad = torch.nan_to_num((p_real - p_fake) * append_dims(weight, x.ndim))
+        target = xf - grad
+    loss = 0.5 * F.mse_loss(x.float(), target)
+    stats = {
+        "loss_dm": loss.item(),
+        "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
+        "dm_weight": weight.mean().item(),
+        "dm_real_fake_gap": (mu_real - mu_fake).abs().mean().item(),
+    }
+    return loss, stats
+
+
+def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None):
+    """Denoising loss of the fake score on generator samples: mse(eps_fake(x_t), noise).
+
+    Written on x0: eps_hat - noise = alpha/sigma (x - x0_hat), so the eps-MSE equals the
+    SNR-weighted x0 loss and works for any denoiser callable.
+    """
+    x = x.detach()
+    x_t = schedule.add_noise(x, noise, t)
+    x0_hat = fake(x_t, t, cond).float()
+    a, s = schedule.alpha_sigma(t, x)
+    loss = ((a / s) * (x0_hat - x.float())).pow(2).mean()
+    return loss, {"loss_fake": loss.item()}
+
+
+class RegressionLoss(torch.nn.Module):
+    """l(decode(pred), decode(target)) for DMD's regression stabiliser (Sec. 4.2.4).
+
+    ``decoder`` maps latents to images in [-1, 1]; ``None`` compares the inputs directly.
+    """
+
+    def __init__(self, decoder: Optional[Callable] = None):
+        super().__init__()
+        self.decoder = decoder  # latents -> images in [-1, 1], or None
+
+    def decode(self, x):
+        return x if self.decoder is None else self.decoder(x)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor):
+        with torch.no_grad():
+            target_img = self.decode(target)
+        loss = self.distance(self.decode(pred).float(), target_img.float())
+        return loss, {"loss_reg": loss.item()}
+
+
+class L2Regression(RegressionLoss):
+    def distance(self, a, b):
+        return F.mse_loss(a, b)
+
+
+class L1Regression(RegressionLoss):
+    def distance(self, a, b):
+        return F.l1_loss(a, b)
+
+
+class LPIPSRegression(RegressionLoss):
+    """LPIPS(VGG), the paper's choice. ``pretrained_backbone=False`` keeps random VGG (offline tests)."""
+
+    def __init__(self, decoder: Optional[Callable] = None, net: str = "vgg", pretrained_backbone: bool = True):
+        super().__init__(decoder)
+        import lpips
+
+        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        self.lpips.requires_grad_(False).eval()
+
+    def distance(self, a, b):
+        return self.lpips(a, b).mean()
+
+
+def make_regression_loss(kind: str, decoder: Optional[Callable] = None, **kwargs) -> RegressionLoss:
+    """``kind`` in {"l2", "l1", "lpips"}."""
+    kinds = {"l2": L2Regression, "l1": L1Regression, "lpips": LPIPSRegression}
+    if kind not in kinds:
+        raise ValueError(f"unknown regression loss '{kind}' (choose from {sorted(kinds)})")
+    return kinds[kind](decoder=decoder, **kwargs)

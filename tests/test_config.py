@@ -1,0 +1,83 @@
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from sd_dmd.config import ConfigError, field, from_dict, load_config, save_config
+
+
+@dataclass
+class Dmd:
+    real_guidance_scale: float = field(3.0, "CFG scale of the real score")
+    t_min: int = field(20, "lowest DM timestep")
+    loss: str = field("l2", "loss name")
+
+
+@dataclass
+class Cfg:
+    dmd: Dmd = field(default_factory=Dmd, help="dmd group")
+    name: str = field("run", "run name")
+    flag: bool = field(False, "a flag")
+    prompts: list[str] = field(default_factory=list, help="files")
+
+
+def test_defaults():
+    cfg, _ = load_config(Cfg, [])
+    assert cfg.dmd.real_guidance_scale == 3.0 and cfg.name == "run"
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"dmd": {"real_guidance_scale": 1.75, "t_min": 5}, "name": "y"}))
+    cfg, _ = load_config(Cfg, ["--config", str(p)])
+    assert (cfg.dmd.real_guidance_scale, cfg.dmd.t_min, cfg.name, cfg.dmd.loss) == (1.75, 5, "y", "l2")
+    cfg, _ = load_config(Cfg, ["--config", str(p), "--dmd.real_guidance_scale", "3", "--prompts", "[a, b]"])
+    assert cfg.dmd.real_guidance_scale == 3.0 and isinstance(cfg.dmd.real_guidance_scale, float)
+    assert cfg.dmd.t_min == 5 and cfg.prompts == ["a", "b"]
+
+
+def test_unknown_key_yaml_names_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"dmd": {"real_guidance": 2}}))
+    with pytest.raises(ConfigError, match=r"dmd\.real_guidance"):
+        load_config(Cfg, ["--config", str(p)])
+
+
+def test_unknown_key_cli_names_key():
+    with pytest.raises(ConfigError, match=r"dmd\.nope"):
+        load_config(Cfg, ["--dmd.nope", "1"])
+
+
+def test_unknown_group():
+    with pytest.raises(ConfigError, match="zzz"):
+        from_dict(Cfg, {"zzz": {"a": 1}})
+
+
+@pytest.mark.parametrize("key,value", [("dmd.t_min", "abc"), ("flag", "3"), ("dmd.t_min", "1.5"), ("name", "[1]")])
+def test_wrong_type_names_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(Cfg, [f"--{key}", value])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dmd:\n  real_guidance_scale: high\n")
+    with pytest.raises(ConfigError, match=r"dmd\.real_guidance_scale"):
+        load_config(Cfg, ["--config", str(p)])
+
+
+def test_group_given_a_scalar():
+    with pytest.raises(ConfigError, match="dmd"):
+        from_dict(Cfg, {"dmd": 3})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg, _ = load_config(Cfg, ["--dmd.t_min", "7", "--flag", "true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again, _ = load_config(Cfg, ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, ["--config", str(tmp_path / "nope.yaml")])
