@@ -1,0 +1,212 @@
+"""One frozen UNet, three roles (DESIGN.md, "The three networks on one UNet").
+
+- real score (teacher): adapters disabled, CFG (uncond + cond in one batched forward), always no_grad;
+- generator G: LoRA ``generator``, called at the conditioning timestep t* on pure noise;
+- fake score: LoRA ``fake``, unguided.
+
+All three are exposed as denoiser callables ``(x_t, t, cond) -> x0_hat`` for :mod:`sd_dmd.losses`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .denoisers import CFGDenoiser, EpsDenoiser
+from .schedule import NoiseSchedule
+
+GENERATOR, FAKE = "generator", "fake"
+
+# LCM-LoRA's target list: attention projections, transformer in/out projections, feed-forward, ResNet
+# convolutions and time embeddings, and the down/up-samplers. One-step generation changes the UNet's
+# behaviour at every resolution, not only its attention, so the convolutions are adapted too.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                        "time_emb_proj")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    """The model path or its configuration cannot be used (message names the path/key)."""
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 64  # LoRA rank r
+    alpha: float = 64.0  # LoRA alpha; the update is scaled by alpha / r
+    targets: tuple = field(default_factory=lambda: DEFAULT_LORA_TARGETS)  # module-name suffixes
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise ModelError(f"LoRA rank must be >= 1, got {self.rank}")
+        # init_lora_weights="gaussian": A ~ N(0, 1/r), B = 0, so the adapter starts as a zero update
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
+                          init_lora_weights="gaussian")
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a local directory that is not a diffusers SD pipeline, naming what is missing."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{path}: not a directory (expected a diffusers Stable Diffusion pipeline)")
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if not (p / sub).is_dir():
+                raise ModelError(f"{path}: no '{sub}/' folder; expected a diffusers Stable Diffusion pipeline")
+    elif path.startswith((".", "/")) or path.count("/") > 1:
+        raise ModelError(f"{path}: no such model directory")
+
+
+def load_components(path: str, revision: Optional[str] = None, variant: Optional[str] = None):
+    """Load (unet, vae, text_encoder, tokenizer, scheduler) from a local diffusers dir or a hub id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_dir(path)
+    kw = dict(revision=revision)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    pred = scheduler.config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; DMD here needs an epsilon-prediction "
+                         "teacher (SD 1.x / 2.x-base), v-prediction models are not supported")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+class DMDModel:
+    """The shared UNet with its two adapters, the frozen VAE/text encoder, and the schedule."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, weight_dtype: torch.dtype = torch.float32,
+                 generator_lora: LoraSpec = LoraSpec(), fake_lora: LoraSpec = LoraSpec(),
+                 conditioning_timestep: int = 999, real_guidance_scale: float = 3.0,
+                 gradient_checkpointing: bool = False, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype  # dtype of the frozen base weights
+        self.conditioning_timestep = conditioning_timestep  # t* at which G is called
+        self.real_guidance_scale = real_guidance_scale  # CFG scale of the real score
+        self.scheduler = scheduler
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        if not 0 <= conditioning_timestep < self.schedule.num_train_timesteps:
+            raise ModelError(f"conditioning_timestep must be in [0, {self.schedule.num_train_timesteps - 1}]")
+        self.tokenizer = tokenizer
+        for m in (unet, vae, text_encoder):
+            m.requires_grad_(False).eval()
+            m.to(self.device, dtype=weight_dtype)
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.base_params = sum(p.numel() for p in unet.parameters())
+        self.base_bytes = _nbytes(unet.parameters())
+        self.lora_specs = {GENERATOR: generator_lora, FAKE: fake_lora}
+        for name, spec in self.lora_specs.items():
+            unet.add_adapter(spec.to_peft(), adapter_name=name)
+        for n, p in unet.named_parameters():  # LoRA weights train in fp32 whatever the base dtype
+            if "lora_" in n:
+                p.data = p.data.float()
+        self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        self._activate(GENERATOR)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+        self._uncond = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None, **kw):
+        return cls(*load_components(path, revision, variant), **kw)
+
+    def _activate(self, name: str) -> None:
+        """Route the UNet through adapter ``name``. peft's set_adapter also turns requires_grad off for the
+        other adapter, which would silently drop gradients of a graph built before the switch; we keep
+        every LoRA parameter trainable and let each turn's optimiser decide what moves."""
+        self.unet.enable_adapters()
+        self.unet.set_adapter(name)
+        for p in self._lora_params:
+            p.requires_grad_(True)
+
+    # ----- parameters ---------------------------------------------------------------------------
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n]
+
+    def adapter_named_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n}
+
+    def describe(self) -> str:
+        lines = [f"base UNet (frozen, {str(self.weight_dtype).replace('torch.', '')}): "
+                 f"{self.base_params / 1e6:.1f}M params, {self.base_bytes / 2**20:.1f} MiB"]
+        for name, spec in self.lora_specs.items():
+            ps = self.adapter_parameters(name)
+            lines.append(f"LoRA '{name}' (fp32, r={spec.rank}, alpha={spec.alpha}): "
+                         f"{sum(p.numel() for p in ps) / 1e6:.2f}M params, {_nbytes(ps) / 2**20:.1f} MiB")
+        return "\n".join(lines)
+
+    # ----- text ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP last hidden state, as StableDiffusionPipeline.encode_prompt (truncated to 77 tokens)."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @property
+    def uncond_embedding(self) -> torch.Tensor:
+        """The empty-prompt embedding used by CFG, computed once."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond
+
+    # ----- the three denoisers ------------------------------------------------------------------
+    def _eps(self, adapter: Optional[str]):
+        def eps_fn(x_t, t, cond):
+            if adapter is None:
+                self.unet.disable_adapters()
+            else:
+                self._activate(adapter)
+            try:
+                out = self.unet(x_t.to(self.unet.dtype) if not torch.is_autocast_enabled() else x_t, t,
+                                encoder_hidden_states=cond).sample
+            finally:
+                if adapter is None:
+                    self.unet.enable_adapters()
+            return out.float()
+
+        return eps_fn
+
+    def real_denoiser(self, guidance_scale: Optional[float] = None):
+        """Teacher x0 with CFG; runs under no_grad always."""
+        scale = self.real_guidance_scale if guidance_scale is None else guidance_scale
+        cfg = CFGDenoiser(EpsDenoiser(self._eps(None), self.schedule), scale, self.uncond_embedding)
+
+        def real(x_t, t, cond):
+            with torch.no_grad():
+                return cfg(x_t, t, cond)
+
+        return real
+
+    def fake_denoiser(self):
+        return EpsDenoiser(self._eps(FAKE), self.schedule)
+
+    def generator_denoiser(self):
+        return EpsDenoiser(self._eps(GENERATOR), self.schedule)
+
+    def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x = G(z) = (z - sigma_t* eps_gen(z, t*, c)) / alpha_t*  (what LCMScheduler(timesteps=[999]) gives)."""
+        t = torch.full((z.shape[0],), self.conditioning_timestep, device=z.device, dtype=torch.long)
+        return self.generator_denoiser()(z, t, cond)
+
+    # ----- decoding -----------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] with the full VAE (differentiable)."""
+        sf = self.vae.config.scaling_factor
+        return self.vae.decode((latents / sf).to(self.vae.dtype)).sample.float()
