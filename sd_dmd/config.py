@@ -146,8 +146,9 @@ def load_config(cls, argv: Sequence[str] | None = None, description: str = "", e
     for key, tp, help_text in _leaf_fields(cls):
         leaves[key] = tp
         # every leaf is settable by its full dotted name and, when unique, by its short name
+        is_list = typing.get_origin(tp) in (list, tuple)
         parser.add_argument(f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
-                            help=f"{help_text} [{getattr(tp, '__name__', tp)}]")
+                            nargs="+" if is_list else None, help=f"{help_text} [{getattr(tp, '__name__', tp)}]")
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = next((u for u in unknown if u.startswith("--")), unknown[0])
@@ -165,7 +166,12 @@ def load_config(cls, argv: Sequence[str] | None = None, description: str = "", e
             raise ConfigError(f"{path}: top level must be a mapping")
     for name, value in vars(ns).items():
         if name.startswith("cfg:"):
-            _set_dotted(tree, name[4:], _parse_cli_value(value))
+            if isinstance(value, list):  # nargs="+": each item is a value, or one YAML flow list
+                value = _parse_cli_value(value[0]) if len(value) == 1 and value[0].startswith("[") else [
+                    _parse_cli_value(v) for v in value]
+            else:
+                value = _parse_cli_value(value)
+            _set_dotted(tree, name[4:], value)
     cfg = _build(cls, tree)
     validate = getattr(cfg, "validate", None)
     if callable(validate):

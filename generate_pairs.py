@@ -1,0 +1,22 @@
+"""Latent noise -> image pairs from the multi-step teacher (DMD's regression targets).
+
+    python generate_pairs.py --prompts laion6.25.parquet --pretrained_model_name_or_path PATH_OR_ID \
+        --output_dir pairs/ [--num_pairs N] [--guidance_scale 3] [--scheduler pndm|ddim] ...
+    accelerate launch generate_pairs.py ...   # every process takes disjoint shards
+
+Re-running the same command resumes; see sd_dmd/pairs.py for the store format.
+"""
+import sys
+
+from sd_dmd.cli import guarded, run_cli
+from sd_dmd.pairs import PairsConfig, generate_pairs
+
+
+def main(argv=None):
+    cfg, flags = run_cli(PairsConfig, argv, __doc__)
+    if not flags["dry_run"]:
+        guarded(generate_pairs, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

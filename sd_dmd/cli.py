@@ -1,0 +1,45 @@
+"""Shared entry-point behaviour: resolve the config, print it, turn known errors into one line + exit 2."""
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from .config import ConfigError, load_config, to_dict
+
+# errors that are the user's input, reported as one line without a traceback
+USER_ERRORS = (ConfigError,)
+
+
+def user_errors():
+    from .model import ModelError
+    from .pairs import PairsError
+    from .prompts import PromptError
+
+    return (ConfigError, ModelError, PairsError, PromptError)
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_cli(cls, argv, description: str):
+    """Parse ``cls`` from argv (defaults < --config YAML < --key value), print it, honour --dry-run."""
+    try:
+        cfg, flags = load_config(cls, argv, description=description, extra_flags=("dry_run",))
+    except ConfigError as e:
+        fail(str(e))
+    from .dist import partial_state
+
+    if partial_state().is_main_process:
+        print(yaml.safe_dump({"config": to_dict(cfg)}, sort_keys=False).rstrip())
+    return cfg, flags
+
+
+def guarded(fn, *args, **kwargs):
+    """Call ``fn``; user-input errors become ``error: ...`` on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except user_errors() as e:
+        fail(str(e))
