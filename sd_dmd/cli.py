@@ -7,16 +7,14 @@ import yaml
 
 from .config import ConfigError, load_config, to_dict
 
-# errors that are the user's input, reported as one line without a traceback
-USER_ERRORS = (ConfigError,)
-
-
 def user_errors():
     from .model import ModelError
     from .pairs import PairsError
     from .prompts import PromptError
 
-    return (ConfigError, ModelError, PairsError, PromptError)
+    from .train import TrainingError
+
+    return (ConfigError, ModelError, PairsError, PromptError, TrainingError, FileNotFoundError)
 
 
 def fail(msg: str) -> None:
@@ -24,10 +22,10 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def run_cli(cls, argv, description: str):
+def run_cli(cls, argv, description: str, extra_flags=()):
     """Parse ``cls`` from argv (defaults < --config YAML < --key value), print it, honour --dry-run."""
     try:
-        cfg, flags = load_config(cls, argv, description=description, extra_flags=("dry_run",))
+        cfg, flags = load_config(cls, argv, description=description, extra_flags=("dry_run", *extra_flags))
     except ConfigError as e:
         fail(str(e))
     from .dist import partial_state

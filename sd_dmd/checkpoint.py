@@ -1,0 +1,102 @@
+"""Checkpoints without pickles: tensors in safetensors, everything else in JSON.
+
+A checkpoint is written into ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N/`` only when complete
+(``trainer_state.json`` is its last file), so a kill during the write leaves nothing that resume picks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+    for pid, st in opt_state["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def save_optimizer(optimizer, path: Path) -> None:
+    """optimizer.state_dict() as ``path.safetensors`` (tensors) + ``path.json`` (the rest)."""
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_optimizer(optimizer, path: Path) -> None:
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    state = {}
+    for pid, extra in meta["state"].items():
+        state[int(pid)] = dict(extra)
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed and holding trainer_state.json), oldest first."""
+    out = []
+    if not output_dir.is_dir():
+        return out
+    for p in output_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume(output_dir: Path, resume_from: Optional[str]) -> Optional[Path]:
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1][1] if ckpts else None
+    p = Path(resume_from)
+    if not (p / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{p}: not a complete checkpoint (no {STATE_FILE})")
+    return p
+
+
+def rotate(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, and stale ``.tmp`` ones."""
+    for p in output_dir.glob("checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last > 0:
+        for _, p in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_rng(generator: torch.Generator, path: Path) -> None:
+    save_file({"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}, str(path))
+
+
+def load_rng(generator: torch.Generator, path: Path) -> None:
+    st = load_file(str(path))
+    generator.set_state(st["generator"])
+    torch.set_rng_state(st["torch_cpu"])

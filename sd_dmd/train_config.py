@@ -1,0 +1,153 @@
+"""Config of ``train_text2image.py``: nested groups, defaults < YAML < ``--group.key value``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .config import ConfigError, field
+from .model import DEFAULT_LORA_TARGETS
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = field("runwayml/stable-diffusion-v1-5", "teacher: diffusers dir or hub id")
+    revision: Optional[str] = field(None, "hub revision")
+    variant: Optional[str] = field(None, "weight variant, e.g. fp16")
+    weight_dtype: Literal["fp32", "fp16", "bf16"] = field("fp16", "dtype of the frozen base weights (LoRA stays fp32)")
+    resolution: int = field(512, "training resolution in pixels (latents are resolution / VAE factor)")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(64, "LoRA rank r")
+    alpha: float = field(64.0, "LoRA alpha (update scaled by alpha / r)")
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+                               help="module-name suffixes to adapt (default: LCM-LoRA's list, attention + FF + convs)")
+
+
+@dataclass
+class LorasConfig:
+    generator: LoraConfig = field(default_factory=LoraConfig, help="the one-step generator's LoRA")
+    fake: LoraConfig = field(default_factory=LoraConfig, help="the fake score's LoRA")
+
+
+@dataclass
+class DMDConfig:
+    real_guidance_scale: float = field(3.0, "CFG scale of the real score (DMD: 3, DMD2: 1.75)")
+    t_min: int = field(20, "lowest timestep of the distribution-matching loss (0.02 T)")
+    t_max: int = field(980, "highest timestep of the distribution-matching loss (0.98 T)")
+    conditioning_timestep: int = field(999, "timestep t* at which the generator is called")
+    fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
+    dm_weight: float = field(1.0, "weight of the distribution-matching loss")
+
+
+@dataclass
+class RegressionConfig:
+    loss: Literal["lpips", "l2", "l1", "none"] = field("lpips", "regression loss; none switches regression off")
+    pairs_dir: Optional[str] = field(None, "pairs store made by generate_pairs.py")
+    weight: float = field(0.25, "lambda_reg (paper: 0.25)")
+    batch_size: int = field(1, "regression pairs per generator step, per process")
+    decoder: Literal["taesd", "vae", "none"] = field("taesd", "decoder before the loss: TAESD, the full VAE, or none "
+                                                               "(l1/l2 on latents)")
+    tiny_vae: str = field("madebyollin/taesd", "AutoencoderTiny path or hub id when decoder = taesd")
+    lpips_net: Literal["vgg", "alex"] = field("vgg", "LPIPS backbone (paper: VGG)")
+    lpips_pretrained_backbone: bool = field(True, "load the ImageNet backbone (false: random, for offline tests)")
+    verify_noise: bool = field(False, "check regenerated pair noise against the stored digests")
+
+
+@dataclass
+class DataConfig:
+    prompts: list[str] = field(default_factory=list, help="caption files (parquet/txt/jsonl, globs, dirs)")
+    caption_column: Optional[str] = field(None, "caption column; auto-detected when absent")
+    min_aesthetic: Optional[float] = field(None, "keep rows with aesthetic score >= this")
+    max_punsafe: Optional[float] = field(None, "keep rows with punsafe <= this")
+    max_pwatermark: Optional[float] = field(None, "keep rows with pwatermark <= this")
+    dedupe: bool = field(False, "drop duplicate captions")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "adamw8bit"] = field("adamw", "AdamW, or bitsandbytes' 8-bit AdamW")
+    lr_generator: float = field(1e-5, "generator LoRA learning rate")
+    lr_fake: float = field(1e-5, "fake-score LoRA learning rate")
+    weight_decay: float = field(0.01, "AdamW weight decay")
+    beta1: float = field(0.9, "Adam beta1")
+    beta2: float = field(0.999, "Adam beta2")
+    eps: float = field(1e-8, "Adam epsilon")
+    warmup_steps: int = field(500, "linear warm-up steps")
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = field("constant_with_warmup", "LR schedule")
+    max_grad_norm: float = field(10.0, "gradient clipping (paper: 10); 0 disables")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(1, "distribution-matching batch per process")
+    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
+    max_steps: int = field(20000, "generator updates")
+    seed: int = field(0, "seed; process r draws prompts/noise from (seed, r)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "autocast dtype for the forward passes")
+    gradient_checkpointing: bool = field(False, "recompute UNet activations in backward")
+    ema_decay: float = field(0.0, "EMA of the generator LoRA (0 = off); final/ gets the EMA weights")
+    max_nonfinite_steps: int = field(20, "stop after this many consecutive non-finite steps")
+
+
+@dataclass
+class LoggingConfig:
+    tracker: Literal["tensorboard", "wandb", "none"] = field("tensorboard", "experiment tracker")
+    every: int = field(10, "print/log every N steps")
+    validation_every: int = field(500, "render the validation grid every N steps (0 = only at the end)")
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a photo of an astronaut riding a horse on mars", "a close-up portrait of an old fisherman, 85mm",
+        "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse at dawn"],
+        help="fixed validation prompts")
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1], help="fixed seeds, one image each per prompt")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(500, "save a checkpoint every N steps (0 = off)")
+    keep_last: int = field(3, "keep only the last K checkpoints")
+    resume_from: Optional[str] = field(None, "'latest' or a checkpoint directory")
+
+
+@dataclass
+class Config:
+    output_dir: str = field("runs/dmd", "run directory")
+    model: ModelConfig = field(default_factory=ModelConfig, help="teacher and dtypes")
+    lora: LorasConfig = field(default_factory=LorasConfig, help="adapters")
+    dmd: DMDConfig = field(default_factory=DMDConfig, help="distribution matching")
+    regression: RegressionConfig = field(default_factory=RegressionConfig, help="regression stabiliser")
+    data: DataConfig = field(default_factory=DataConfig, help="prompts")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimisers")
+    train: TrainConfig = field(default_factory=TrainConfig, help="loop")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logs and validation images")
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpoints and resume")
+
+    def validate(self) -> None:
+        d = self.dmd
+        if not 0 <= d.t_min < d.t_max <= 999:
+            raise ConfigError(f"dmd.t_min/dmd.t_max: need 0 <= t_min < t_max <= 999, got {d.t_min} and {d.t_max}")
+        if not 0 <= d.conditioning_timestep <= 999:
+            raise ConfigError(f"dmd.conditioning_timestep: must be in [0, 999], got {d.conditioning_timestep}")
+        if d.real_guidance_scale < 0:
+            raise ConfigError(f"dmd.real_guidance_scale: must be >= 0, got {d.real_guidance_scale}")
+        if d.fake_updates_per_step < 1:
+            raise ConfigError("dmd.fake_updates_per_step: must be >= 1")
+        if self.model.resolution <= 0 or self.model.resolution % 8:
+            raise ConfigError(f"model.resolution: must be a positive multiple of 8, got {self.model.resolution}")
+        for name in ("generator", "fake"):
+            if getattr(self.lora, name).rank < 1:
+                raise ConfigError(f"lora.{name}.rank: must be >= 1, got {getattr(self.lora, name).rank}")
+        r = self.regression
+        if r.loss != "none":
+            if not r.pairs_dir:
+                raise ConfigError("regression.pairs_dir: required unless regression.loss is none")
+            if r.loss == "lpips" and r.decoder == "none":
+                raise ConfigError("regression.decoder: lpips compares images, choose taesd or vae")
+        for k in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self.train, k) < 1:
+                raise ConfigError(f"train.{k}: must be >= 1")
+        if not 0 <= self.train.ema_decay < 1:
+            raise ConfigError("train.ema_decay: must be in [0, 1)")
+        if not self.data.prompts:
+            raise ConfigError("data.prompts: at least one prompt file is required")

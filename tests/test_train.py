@@ -1,0 +1,182 @@
+"""train_text2image.py on the tiny offline pipeline."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_text2image
+from sd_dmd.config import load_config
+from sd_dmd.model import FAKE, GENERATOR
+from sd_dmd.train import train
+from sd_dmd.train_config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipe_dir, tmp_path_factory):
+    import generate_pairs
+
+    d = tmp_path_factory.mktemp("train")
+    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
+    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
+                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
+                         "--num_pairs", "8"])
+    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt")}
+
+
+def _argv(setup, out, *extra):
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", setup["pipe"],
+            "--regression.pairs_dir", setup["pairs"], "--data.prompts", setup["prompts"], "--output_dir", str(out),
+            *extra]
+
+
+def _cfg(setup, out, *extra):
+    return load_config(Config, _argv(setup, out, *extra))[0]
+
+
+def _adapters(trainer):
+    return {f"{name}.{k}": p.detach().clone() for name in (GENERATOR, FAKE)
+            for k, p in trainer.model.adapter_named_parameters(name).items()}
+
+
+def test_only_adapters_change_and_final_reproduces_generator(setup, tmp_path):
+    from sd_dmd.model import DMDModel
+    from sd_dmd.sample import one_step_call_kwargs, one_step_pipeline
+
+    t = train(_cfg(setup, tmp_path / "run", "--logging.validation_every", "2"))
+    base = DMDModel.from_pretrained(setup["pipe"])
+    trained = dict(t.model.unet.named_parameters())
+    fresh = dict(base.unet.named_parameters())
+    for n, p in trained.items():
+        if "lora_" not in n:
+            assert torch.equal(p, fresh[n]), n  # frozen base untouched
+    moved = [n for n, p in t.model.adapter_named_parameters(GENERATOR).items() if p.abs().max() > 0 and "lora_B" in n]
+    assert moved, "generator LoRA did not train"
+    assert any(p.abs().max() > 0 for n, p in t.model.adapter_named_parameters(FAKE).items() if "lora_B" in n)
+    # final/ in a fresh pipeline reproduces G(z)
+    prompts = ["a red cube", "a blue sphere"]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = t.model.generate(z, t.model.encode_prompts(prompts))
+    pipe = one_step_pipeline(setup["pipe"], str(t.final))
+    out = pipe(prompts, latents=z.clone(), output_type="latent", **one_step_call_kwargs(pipe)).images
+    assert (out - ref).abs().max().item() < 1e-4
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "final" / "README.md").exists()
+    assert (run / "final" / "lora_kohya.safetensors").exists()
+    assert "load_lora_weights" in (run / "final" / "README.md").read_text()
+    assert (run / "validation" / "step-000002.png").exists() and (run / "validation" / "final.png").exists()
+    assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
+    straight = _adapters(train(_cfg(setup, tmp_path / "a")))
+    train(_cfg(setup, tmp_path / "b", "--train.max_steps", "2"))
+    resumed_trainer = train(_cfg(setup, tmp_path / "b"), resume=True)
+    assert resumed_trainer.history[0]["step"] == 1  # history carried over
+    resumed = _adapters(resumed_trainer)
+    assert straight.keys() == resumed.keys()
+    worst = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    assert worst <= 1e-6, worst
+    # and a run that is not resumed differs (the check can fail)
+    other = _adapters(train(_cfg(setup, tmp_path / "c", "--train.seed", "1")))
+    assert max((straight[k] - other[k]).abs().max().item() for k in straight) > 1e-4
+
+
+def test_adamw8bit_and_lpips_paths(setup, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    t = train(_cfg(setup, tmp_path / "r8", "--optim.optimizer", "adamw8bit", "--regression.loss", "lpips",
+                   "--regression.decoder", "taesd", "--regression.tiny_vae", str(tmp_path / "taesd"),
+                   "--regression.lpips_pretrained_backbone", "false", "--train.max_steps", "1"))
+    assert type(t.opt_g.optimizer).__name__ == "AdamW8bit"
+    h = t.history[-1]
+    assert torch.isfinite(torch.tensor(h["loss_reg"])) and h["loss_reg"] > 0
+    t = train(_cfg(setup, tmp_path / "vae", "--regression.loss", "lpips", "--regression.decoder", "vae",
+                   "--regression.lpips_pretrained_backbone", "false", "--train.max_steps", "1", "--train.ema_decay",
+                   "0.9"))
+    assert t.history[-1]["loss_reg"] > 0
+
+
+def test_ttur_without_regression(setup, tmp_path):
+    t = train(_cfg(setup, tmp_path / "d2", "--regression.loss", "none", "--dmd.fake_updates_per_step", "3",
+                   "--train.max_steps", "2"))
+    assert "loss_reg" not in t.history[-1]
+    assert t.sched_f.last_epoch == 6  # 3 fake updates per generator step
+
+
+def test_two_processes_keep_adapters_identical(setup, tmp_path):
+    harness = tmp_path / "harness.py"
+    harness.write_text(f"""
+import sys, json
+sys.path.insert(0, {str(ROOT)!r})
+from safetensors.torch import save_file
+from sd_dmd.config import load_config
+from sd_dmd.train import train
+from sd_dmd.train_config import Config
+from sd_dmd.model import GENERATOR, FAKE
+cfg = load_config(Config, sys.argv[1:])[0]
+t = train(cfg)
+r = t.acc.process_index
+save_file({{f"{{a}}.{{k}}": p.detach().contiguous() for a in (GENERATOR, FAKE)
+           for k, p in t.model.adapter_named_parameters(a).items()}}, f"{{cfg.output_dir}}/rank{{r}}.safetensors")
+json.dump(t.history, open(f"{{cfg.output_dir}}/history{{r}}.json", "w"))
+""")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(harness),
+           *_argv(setup, out, "--train.max_steps", "3")]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "generator" in k and "lora_B" in k)
+    import json
+
+    h0, h1 = (json.loads((out / f"history{r}.json").read_text()) for r in (0, 1))
+    assert all(torch.isfinite(torch.tensor(v)) for h in h0 for k, v in h.items())
+    assert h0[0]["loss_fake"] != h1[0]["loss_fake"]  # each rank drew its own prompts and noise
+
+
+def _fails(argv, capsys, match):
+    with pytest.raises(SystemExit) as e:
+        train_text2image.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error:") and match in err[-1], err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--dmd.t_min", "500", "--dmd.t_max", "400"], "t_min"),
+    (["--dmd.real_guidance_scale", "-1"], "real_guidance_scale"),
+    (["--model.resolution", "20"], "multiple of 8"),
+    (["--lora.generator.rank", "0"], "lora.generator.rank"),
+    (["--dmd.nope", "1"], "dmd.nope"),
+    (["--train.max_steps", "many"], "train.max_steps"),
+])
+def test_bad_config_one_line_error(setup, tmp_path, capsys, extra, match):
+    _fails(_argv(setup, tmp_path / "x", *extra), capsys, match)
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_other_run_dir_and_other_store(setup, tmp_path, capsys, tiny_pipe_dir):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "config.yaml").write_text("output_dir: busy\n")
+    _fails(_argv(setup, out), capsys, "--resume")
+    assert (out / "config.yaml").read_text() == "output_dir: busy\n"
+    _fails(_argv(setup, tmp_path / "y", "--model.resolution", "32"), capsys, "resolution")
+
+
+def test_dry_run_prints_config(setup, tmp_path, capsys):
+    assert train_text2image.main(_argv(setup, tmp_path / "z", "--dry-run")) == 0
+    assert "real_guidance_scale: 3.0" in capsys.readouterr().out
+    assert not (tmp_path / "z").exists()

@@ -1,0 +1,25 @@
+"""DMD training of a one-step LoRA generator (and its fake score) on one shared, frozen UNet.
+
+    accelerate launch train_text2image.py --config configs/sd15_dmd.yaml [--group.key value ...] [--output_dir DIR]
+    python train_text2image.py --config configs/tiny.yaml --dry-run      # print the resolved config only
+
+Flags: --resume (continue from the latest checkpoint in output_dir), --overwrite (replace a previous run).
+"""
+import sys
+
+from sd_dmd.cli import guarded, run_cli
+from sd_dmd.train_config import Config
+
+
+def main(argv=None):
+    cfg, flags = run_cli(Config, argv, __doc__, extra_flags=("resume", "overwrite"))
+    if flags["dry_run"]:
+        return 0
+    from sd_dmd.train import train
+
+    guarded(train, cfg, resume=flags["resume"], overwrite=flags["overwrite"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
