@@ -122,12 +122,19 @@ def shard_path(out_dir: Path, k: int) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file + fsync + rename. On failure (disk full...) the temp file is removed and the target is
+    untouched, so readers never see a partial file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise PairsError(f"{path}: write failed ({e.strerror or e}); nothing partial was left, free space and "
+                         "re-run the same command to resume") from None
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
