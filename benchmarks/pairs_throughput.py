@@ -9,39 +9,13 @@ needs a GPU to finish in reasonable time; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def sd15_shaped(out: Path) -> Path:
-    """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sd_dmd.tiny import write_clip_tokenizer
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.5's
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=512)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
-                                      hidden_act="quick_gelu", projection_dim=768))
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
-    sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                        set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
-    return out
+from common import bench_model, device_line
 
 
 def main():
@@ -52,20 +26,11 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     from sd_dmd.pairs import PairsConfig, generate_pairs, pair_noise, pair_seed, teacher_latents, teacher_pipeline
-    from sd_dmd.tiny import build_tiny_pipeline
-
     tmp = Path(tempfile.mkdtemp())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mp = "fp16" if device == "cuda" else "no"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    if args.model == "tiny":
-        model, res = str(build_tiny_pipeline(tmp / "tiny")), 16
-    elif args.model == "digits":
-        from sd_dmd.digits import TEACHER_DIR
-
-        model, res = str(TEACHER_DIR), 32
-    else:
-        model, res = str(sd15_shaped(tmp / "sd15")), 512
+    model, res = bench_model(args.model, tmp)
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(args.num_pairs)) + "\n")
 
@@ -93,10 +58,9 @@ def main():
                       num_inference_steps=args.steps, mixed_precision=mp, shard_size=max(args.batch_size, 64))
     stats = generate_pairs(cfg, log=lambda *a: None)
     t_lib = stats.seconds
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"command: python benchmarks/pairs_throughput.py --model {args.model} --num_pairs {args.num_pairs} "
           f"--batch_size {args.batch_size} --steps {args.steps}")
-    print(f"device: {device} ({name}); torch {torch.__version__}; diffusers {__import__('diffusers').__version__}")
+    print(device_line())
     print(f"plain StableDiffusionPipeline loop: {args.num_pairs / t_pipe:.2f} pairs/s")
     print(f"generate_pairs (incl. noise derivation, digests, parquet shards): {args.num_pairs / t_lib:.2f} pairs/s")
     print(f"ratio generate_pairs / pipeline: {t_pipe / t_lib:.3f}x")

@@ -86,3 +86,27 @@ def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_chann
 
     shutil.rmtree(tok_dir)
     return out
+
+
+def build_sd15_shaped_pipeline(out: str | Path) -> Path:
+    """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.5's
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=512)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                      hidden_act="quick_gelu", projection_dim=768))
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                        set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(out / "_tok")
+    return out

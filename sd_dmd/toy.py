@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .denoisers import EpsDenoiser
 from .losses import dmd_loss, fake_score_loss, make_regression_loss
-from .schedule import NoiseSchedule, append_dims, sample_timesteps
+from .schedule import NoiseSchedule, sample_timesteps
 
 
 class MixtureDenoiser:

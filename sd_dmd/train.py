@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -440,7 +441,7 @@ image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{cfg.dmd.cond
 ```
 
 ComfyUI / A1111: use `{KOHYA_FILE}` (kohya key format) with an LCM sampler at 1 step, CFG 1.
-{f"{chr(10)}![validation]({grid.relative_to(final.parent) if grid else ''})" if grid else ""}
+{f"{chr(10)}![validation]({os.path.relpath(grid, final)})" if grid else ""}
 """
     (final / "README.md").write_text(text)
 

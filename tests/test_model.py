@@ -1,5 +1,4 @@
 """The shared UNet in its three roles, and LoRAs that load into plain diffusers."""
-import json
 
 import pytest
 import torch

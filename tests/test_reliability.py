@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import generate_pairs
 from sd_dmd import checkpoint as ckpt
 from sd_dmd.config import ConfigError, from_dict, load_config
-from sd_dmd.pairs import PairsError, PairsStore
+from sd_dmd.pairs import PairsStore
 from sd_dmd.prompts import PromptError, read_prompts
 from sd_dmd.train import TrainingError, train
 from sd_dmd.train_config import Config

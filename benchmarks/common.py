@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmarks: timing with CUDA sync, and the benchmark models."""
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_call(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
+    """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 (SD1.5-shaped, random weights)."""
+    from sd_dmd.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+
+    if kind == "tiny":
+        return str(build_tiny_pipeline(tmp / "tiny")), 16
+    if kind == "medium":
+        return str(build_tiny_pipeline(tmp / "medium", sample_size=32, unet_channels=(128, 256, 512), text_dim=256,
+                                       vae_channels=(32, 64, 64, 64))), 256
+    if kind == "digits":
+        from sd_dmd.digits import TEACHER_DIR
+
+        return str(TEACHER_DIR), 32
+    if kind == "sd15":
+        return str(build_sd15_shaped_pipeline(tmp / "sd15")), 512
+    raise ValueError(f"unknown model kind {kind}")
+
+
+def device_line() -> str:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine())
+    return (f"device: {dev} ({name}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}; "
+            f"diffusers {__import__('diffusers').__version__}")

@@ -1,0 +1,251 @@
+"""COCO-style evaluation: FID and CLIP score of a one-step LoRA model or any diffusers pipeline.
+
+    python -m sd_dmd.evaluate --model PATH_OR_ID --lora DIR --prompts captions_val2014.json \
+        --reference coco_val2014_256/ --out_dir eval/dmd [--num_prompts 30000]
+    python -m sd_dmd.evaluate --model PATH_OR_ID --steps 50 --guidance_scale 3 --scheduler pndm ...  # teacher
+
+Protocol (DMD / GigaGAN): N captions drawn with a fixed seed from COCO-2014 val, one 512 px image each,
+downsampled to 256 with Lanczos and kept on disk (re-running resumes; ``accelerate launch`` splits the work).
+FID uses torchmetrics' FrechetInceptionDistance (the standard FID Inception weights from torch-fidelity,
+identical to TF-FID's): a maintained implementation that runs on the GPU, takes a custom feature extractor for
+tests, and reads local weights offline (``--fid_weights``). The reference is a folder of images (centre-cropped,
+Lanczos-resized to 256) or statistics (.npz with mu/sigma[/n] as pytorch-fid/clean-fid write, or .safetensors).
+CLIP score: mean cosine similarity x 100 between open_clip image and text embeddings (torchmetrics' CLIPScore
+convention; default ViT-g-14 laion2b_s12b_b42k as DMD2). ``--clip_pretrained`` also takes a local file.
+Offline: point ``--fid_weights`` and ``--clip_pretrained`` at local files, or pre-fill the libraries' caches.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from .config import field
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class EvalConfig:
+    model: str = field("runwayml/stable-diffusion-v1-5", "diffusers SD pipeline path or hub id")
+    lora: Optional[str] = field(None, "one-step LoRA directory; none evaluates the plain pipeline")
+    steps: int = field(1, "sampling steps (1 for the distilled model, 50 for the teacher)")
+    guidance_scale: float = field(0.0, "CFG scale (0 for the distilled model, 3 for the guidance-3 teacher)")
+    scheduler: Literal["lcm", "ddim_trailing", "pndm", "ddim"] = field("lcm", "lcm/ddim_trailing for one step")
+    conditioning_timestep: int = field(999, "t* of the one-step generator (lcm)")
+    prompts: str = field("captions_val2014.json", "COCO annotations JSON, parquet or txt of captions")
+    num_prompts: int = field(30000, "captions to draw (fixed seed)")
+    seed: int = field(0, "caption sampling and per-image noise seed")
+    resolution: int = field(512, "generation resolution")
+    eval_resolution: int = field(256, "images are Lanczos-downsampled to this before the metrics")
+    batch_size: int = field(16, "images per pipeline call")
+    dtype: Literal["fp32", "fp16", "bf16"] = field("fp16", "pipeline dtype (fp32 on CPU)")
+    out_dir: str = field("eval", "images and metrics.json go here")
+    reference: Optional[str] = field(None, "reference image folder or statistics file for FID")
+    fid_weights: Optional[str] = field(None, "local FID Inception weights (torch-fidelity pt_inception) for offline use")
+    clip_model: str = field("ViT-g-14", "open_clip architecture")
+    clip_pretrained: Optional[str] = field("laion2b_s12b_b42k", "open_clip pretrained tag or local file; none skips CLIP")
+
+
+def read_captions(path: str, n: int, seed: int) -> list[str]:
+    """Draw ``n`` captions with a fixed seed (COCO annotations JSON, parquet or txt)."""
+    from .prompts import PromptError, read_prompts
+
+    p = Path(path)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise PromptError(f"{path}: no such file")
+        try:
+            ann = json.loads(p.read_text())["annotations"]
+            caps = [a["caption"].strip() for a in ann if isinstance(a.get("caption"), str) and a["caption"].strip()]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PromptError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    else:
+        caps, _ = read_prompts([path])
+    if not caps:
+        raise PromptError(f"{path}: no captions")
+    rng = random.Random(seed)
+    return rng.sample(caps, n) if n <= len(caps) else [rng.choice(caps) for _ in range(n)]
+
+
+def lanczos(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.convert("RGB").resize((size, size), Image.LANCZOS)
+
+
+def build_pipeline(cfg: EvalConfig, device):
+    from .model import DTYPES
+    from .pairs import teacher_pipeline
+    from .sample import one_step_pipeline
+
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+    if cfg.scheduler in ("lcm", "ddim_trailing"):
+        return one_step_pipeline(cfg.model, cfg.lora, cfg.scheduler, dtype, device)
+    pipe = teacher_pipeline(cfg.model, cfg.scheduler, dtype, device)
+    if cfg.lora:
+        pipe.load_lora_weights(cfg.lora)
+    return pipe
+
+
+def generate(cfg: EvalConfig, captions: list[str], image_dir: Path) -> None:
+    """Write image i for caption i (skipping those on disk); processes take indices i % world == rank."""
+    from tqdm.auto import tqdm
+
+    from .dist import partial_state
+
+    state = partial_state()
+    image_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(captions)) if i % state.num_processes == state.process_index
+            and not (image_dir / f"{i:06d}.png").exists()]
+    if not todo:
+        return
+    pipe = build_pipeline(cfg, state.device)
+    kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
+              width=cfg.resolution)
+    if cfg.scheduler == "lcm":
+        kw["timesteps"] = [cfg.conditioning_timestep] if cfg.steps == 1 else None
+    for b in tqdm(range(0, len(todo), cfg.batch_size), disable=not state.is_main_process, desc="images"):
+        idx = todo[b:b + cfg.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i) for i in idx]
+        images = pipe([captions[i] for i in idx], generator=gens, **kw).images
+        for i, im in zip(idx, images):
+            tmp = image_dir / f"{i:06d}.tmp.png"
+            lanczos(im, cfg.eval_resolution).save(tmp)
+            tmp.replace(image_dir / f"{i:06d}.png")
+    state.wait_for_everyone()
+
+
+def load_images(folder: Path, size: int, limit: Optional[int] = None) -> torch.Tensor:
+    """uint8 [N, 3, size, size] (centre crop + Lanczos), sorted by file name."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXT and ".tmp" not in p.name)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images")
+    files = files[:limit] if limit else files
+    arr = [np.asarray(lanczos(Image.open(f), size)) for f in files]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def make_fid(feature=2048, weights: Optional[str] = None):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    kw = {"feature_extractor_weights_path": weights} if weights and isinstance(feature, int) else {}
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, **kw)
+
+
+def set_reference_stats(fid, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+    """Load precomputed (mu, sigma, n) into torchmetrics' running sums."""
+    mu_t = torch.as_tensor(mu, dtype=torch.float64)
+    sig = torch.as_tensor(sigma, dtype=torch.float64)
+    fid.real_features_sum = mu_t * n
+    fid.real_features_cov_sum = sig * (n - 1) + n * torch.outer(mu_t, mu_t)
+    fid.real_features_num_samples = torch.tensor(n)
+
+
+def add_reference(fid, reference: str, size: int, batch: int = 64) -> None:
+    p = Path(reference)
+    if p.is_dir():
+        imgs = load_images(p, size)
+        for i in range(0, len(imgs), batch):
+            fid.update(imgs[i:i + batch], real=True)
+    elif p.suffix == ".npz":
+        st = np.load(p, allow_pickle=False)
+        set_reference_stats(fid, st["mu"], st["sigma"], int(st["n"]) if "n" in st else 50000)
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        st = load_file(str(p))
+        set_reference_stats(fid, st["mu"].numpy(), st["sigma"].numpy(), int(st["n"].item()))
+    else:
+        raise FileNotFoundError(f"{reference}: not an image folder, .npz or .safetensors statistics file")
+
+
+def fid_between(gen: torch.Tensor, reference, feature=2048, weights: Optional[str] = None, size: int = 256,
+                batch: int = 64) -> float:
+    """FID of uint8 images ``gen`` against ``reference`` (uint8 tensor, folder or stats file)."""
+    fid = make_fid(feature, weights)
+    if torch.is_tensor(reference):
+        for i in range(0, len(reference), batch):
+            fid.update(reference[i:i + batch], real=True)
+    else:
+        add_reference(fid, str(reference), size, batch)
+    for i in range(0, len(gen), batch):
+        fid.update(gen[i:i + batch], real=False)
+    return float(fid.compute())
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, captions: list[str], model, preprocess_size: int, tokenizer,
+               batch: int = 32) -> float:
+    """Mean 100 * cos(image, text) with an open_clip model; images uint8 [N, 3, H, W]."""
+    import torch.nn.functional as F
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    dev = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float() / 255.0
+        x = F.interpolate(x, size=(preprocess_size, preprocess_size), mode="bicubic", align_corners=False)
+        x = ((x - mean) / std).to(dev)
+        fi = F.normalize(model.encode_image(x).float(), dim=-1)
+        ft = F.normalize(model.encode_text(tokenizer(captions[i:i + batch]).to(dev)).float(), dim=-1)
+        scores.append(100.0 * (fi * ft).sum(-1).clamp(min=0).cpu())
+    return float(torch.cat(scores).mean())
+
+
+def load_clip(name: str, pretrained: Optional[str], device="cpu"):
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return model.eval(), size, open_clip.get_tokenizer(name)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from .dist import partial_state
+
+    state = partial_state()
+    out = Path(cfg.out_dir)
+    captions = read_captions(cfg.prompts, cfg.num_prompts, cfg.seed)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "captions.json").write_text(json.dumps(captions))
+    generate(cfg, captions, out / "images")
+    if not state.is_main_process:
+        return {}
+    gen = load_images(out / "images", cfg.eval_resolution)
+    metrics = {"num_images": len(gen), "model": cfg.model, "lora": cfg.lora, "steps": cfg.steps,
+               "guidance_scale": cfg.guidance_scale, "fid_impl": "torchmetrics FrechetInceptionDistance (2048)"}
+    if cfg.reference:
+        metrics["fid"] = fid_between(gen, cfg.reference, 2048, cfg.fid_weights, cfg.eval_resolution)
+    if cfg.clip_pretrained:
+        model, size, tok = load_clip(cfg.clip_model, cfg.clip_pretrained, state.device)
+        metrics["clip_score"] = clip_score(gen, captions[:len(gen)], model, size, tok)
+        metrics["clip_model"] = f"{cfg.clip_model}/{cfg.clip_pretrained}"
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def main(argv=None):
+    from .cli import guarded, run_cli
+
+    cfg, flags = run_cli(EvalConfig, argv, __doc__)
+    if not flags["dry_run"]:
+        guarded(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
