@@ -27,7 +27,7 @@ VARIANTS = {
     "regression only": ["--dmd.dm_weight", "0"],
     "distribution matching only": ["--regression.loss", "none"],
     "full DMD": [],
-    "DMD2-style (TTUR 5, no regression)": ["--regression.loss", "none", "--dmd.fake_updates_per_step", "5"],
+    "DMD2-style (TTUR 3, no regression)": ["--regression.loss", "none", "--dmd.fake_updates_per_step", "3"],
 }
 
 

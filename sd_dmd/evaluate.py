@@ -187,7 +187,9 @@ def fid_between(gen: torch.Tensor, reference, feature=2048, weights: Optional[st
 @torch.no_grad()
 def clip_score(images: torch.Tensor, captions: list[str], model, preprocess_size: int, tokenizer,
                batch: int = 32) -> float:
-    """Mean 100 * cos(image, text) with an open_clip model; images uint8 [N, 3, H, W]."""
+    """Mean 100 * cos(image, text) with an open_clip model; images uint8 [N, 3, H, W].
+
+    As torchmetrics' CLIPScore but without its floor at 0 (which would hide differences between weak models)."""
     import torch.nn.functional as F
 
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -200,7 +202,7 @@ def clip_score(images: torch.Tensor, captions: list[str], model, preprocess_size
         x = ((x - mean) / std).to(dev)
         fi = F.normalize(model.encode_image(x).float(), dim=-1)
         ft = F.normalize(model.encode_text(tokenizer(captions[i:i + batch]).to(dev)).float(), dim=-1)
-        scores.append(100.0 * (fi * ft).sum(-1).clamp(min=0).cpu())
+        scores.append(100.0 * (fi * ft).sum(-1).cpu())
     return float(torch.cat(scores).mean())
 
 

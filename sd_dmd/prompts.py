@@ -119,7 +119,8 @@ def _read_table(path: Path, caption_column: Optional[str]) -> tuple[list, dict]:
 
 
 def _bad_number(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    """A filter value that is missing, NaN or not a number fails the filter (the row is skipped)."""
+    return isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)
 
 
 def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = None,

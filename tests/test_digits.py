@@ -22,7 +22,7 @@ def test_classifier_and_metrics_on_real_digits():
         acc = (clf(x).argmax(1) == y).float().mean().item()
     assert acc > 0.95
     m = digit_metrics(x[::2], y[::2], clf)  # half of the real data against all of it
-    assert m["prompt_accuracy"] > 0.95 and m["digits_fid"] < 5 and m["coverage_mean"] > 0.5
+    assert m["prompt_accuracy"] > 0.95 and m["digits_fid"] < 20 and m["coverage_mean"] > 0.5  # 50-step teacher: ~130
     noise = torch.rand(500, 3, 32, 32) * 2 - 1
     assert digit_metrics(noise, torch.arange(10).repeat(50), clf)["digits_fid"] > 10 * max(m["digits_fid"], 0.1)
 

@@ -162,12 +162,17 @@ def test_sigterm_writes_checkpoint_and_exits(setup, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train_text2image.py"),
            *_train_argv(setup, out, "--train.max_steps", "100000", "--checkpointing.every", "0")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
     for line in proc.stdout:
-        if line.startswith("step 2:"):
+        if "step 2:" in line or time.time() > deadline:
             proc.send_signal(signal.SIGTERM)
             break
-    rest = proc.communicate(timeout=120)[0]
+    try:
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
     assert proc.returncode == 143, rest[-2000:]
     ckpts = ckpt.list_checkpoints(out)
     assert ckpts and ckpts[-1][0] >= 2
