@@ -3,7 +3,7 @@
     python benchmarks/digits_quality.py [--out runs/digits_quality] [--steps 400] [--eval_seeds 0 1 2]
 
 Rows: the teacher at 50 steps (PNDM, CFG 3 = the real score's guidance) and at 1 step; one-step generators
-distilled with regression only, distribution matching only, full DMD, and DMD2-style (TTUR 5, no regression).
+distilled with regression only, distribution matching only, full DMD, and DMD2-style (TTUR 3, no regression).
 Every distillation uses the same scripts as SD v1.5 (generate_pairs.py, train_text2image.py with
 configs/digits.yaml plus the overrides shown). Metrics: digits-FID, prompt accuracy, mean per-class coverage,
 each the mean +- std over the evaluation seeds (100 images per digit per seed).
