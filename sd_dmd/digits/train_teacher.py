@@ -5,7 +5,7 @@
 Stages: (1) AutoencoderKL 32x32x3 <-> 4x8x8, (2) UNet2DConditionModel (eps-prediction, SD's scaled_linear
 schedule) jointly with a small CLIPTextModel (real CLIP BPE tokenizer) on templated captions with ~10% empty
 ones, so CFG works, (3) the digit classifier used by the metrics. The result is committed in
-``sd_dmd/assets``; this script is how to rebuild it (about 25 minutes on 2 CPU cores).
+``sd_dmd/assets``; this script is how to rebuild it (44 min measured on 2 shared CPU cores; ~30 min alone).
 """
 from __future__ import annotations
 
