@@ -62,6 +62,14 @@ def check_model_dir(path: str) -> None:
         raise ModelError(f"{path}: no such model directory")
 
 
+def check_eps_prediction(scheduler_config, path: str) -> None:
+    """Refuse a teacher that does not predict eps (v-prediction SD 2.x, ...)."""
+    pred = scheduler_config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; DMD here needs an epsilon-prediction "
+                         "teacher (SD 1.x / 2.x-base), v-prediction models are not supported")
+
+
 def load_components(path: str, revision: Optional[str] = None, variant: Optional[str] = None):
     """Load (unet, vae, text_encoder, tokenizer, scheduler) from a local diffusers dir or a hub id."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -70,10 +78,7 @@ def load_components(path: str, revision: Optional[str] = None, variant: Optional
     check_model_dir(path)
     kw = dict(revision=revision)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    pred = scheduler.config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; DMD here needs an epsilon-prediction "
-                         "teacher (SD 1.x / 2.x-base), v-prediction models are not supported")
+    check_eps_prediction(scheduler.config, path)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)

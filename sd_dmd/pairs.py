@@ -292,14 +292,12 @@ def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revi
     """The plain diffusers pipeline used as the 50-step teacher (PNDM as in the paper, or DDIM)."""
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
-    from .model import ModelError, check_model_dir
+    from .model import check_eps_prediction, check_model_dir
 
     check_model_dir(path)
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
                                                    safety_checker=None, requires_safety_checker=False)
-    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; v-prediction teachers are not supported")
+    check_eps_prediction(pipe.scheduler.config, path)
     if scheduler == "pndm":
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     elif scheduler == "ddim":

@@ -128,7 +128,7 @@ class Trainer:
         return sample_timesteps(n, lo, hi, generator=self.rng, device=self.acc.device)
 
     # ----- gradient plumbing ----------------------------------------------------------------------
-    def _sync_and_clip(self, params, optimizer) -> tuple[float, bool]:
+    def _sync_and_clip(self, params) -> tuple[float, bool]:
         """Average grads over processes (one flat all-reduce), clip; returns (norm, finite)."""
         for p in params:
             if p.grad is None:
@@ -182,7 +182,7 @@ class Trainer:
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v / n_acc
             x_last, c_last = x.detach(), cond
-        norm, finite = self._sync_and_clip(self.gen_params, self.opt_g)
+        norm, finite = self._sync_and_clip(self.gen_params)
         stats["grad_norm_generator"] = norm
         self._step(self.opt_g, self.sched_g, finite)
         if finite and self.ema is not None:
@@ -206,7 +206,7 @@ class Trainer:
                 loss, _ = fake_score_loss(fake, x, t, self._randn(x.shape[0]), m.schedule, cond)
             acc.backward(loss / n_acc)
             total += loss.item() / n_acc
-        norm, finite = self._sync_and_clip(self.fake_params, self.opt_f)
+        norm, finite = self._sync_and_clip(self.fake_params)
         self._step(self.opt_f, self.sched_f, finite)
         return {"loss_fake": total, "grad_norm_fake": norm, "_finite_f": finite}
 

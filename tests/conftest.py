@@ -6,6 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def assert_one_line_error(main, argv, capsys, match):
+    """``main(argv)`` exits 2 with one ``error: ...`` line on stderr containing ``match``."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error:") and match in err[-1], err
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A tiny random SD pipeline saved in diffusers layout (latents 4x8x8, images 16x16)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_one_line_error
 import torch
 
 import generate_pairs
@@ -157,11 +158,7 @@ def test_store_checks_teacher_and_resolution(reference_store, tiny_pipe_dir, tmp
 
 # ----- bad input: one line, exit 2, nothing written ---------------------------------------------------
 def _fails(argv, capsys, match):
-    with pytest.raises(SystemExit) as e:
-        generate_pairs.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error:") and match in err[-1], err
+    assert_one_line_error(generate_pairs.main, argv, capsys, match)
 
 
 def test_missing_prompt_file(tiny_pipe_dir, tmp_path, capsys):

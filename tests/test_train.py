@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 import torch
 from safetensors.torch import load_file
 
@@ -147,11 +148,7 @@ json.dump(t.history, open(f"{{cfg.output_dir}}/history{{r}}.json", "w"))
 
 
 def _fails(argv, capsys, match):
-    with pytest.raises(SystemExit) as e:
-        train_text2image.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error:") and match in err[-1], err
+    assert_one_line_error(train_text2image.main, argv, capsys, match)
 
 
 @pytest.mark.parametrize("extra,match", [
