@@ -89,7 +89,7 @@ def build_pipeline(cfg: EvalConfig, device):
 
     dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
     if cfg.scheduler in ("lcm", "ddim_trailing"):
-        return one_step_pipeline(cfg.model, cfg.lora, cfg.scheduler, dtype, device)
+        return one_step_pipeline(cfg.model, cfg.lora, cfg.scheduler, dtype, device, fuse=True)
     pipe = teacher_pipeline(cfg.model, cfg.scheduler, dtype, device)
     if cfg.lora:
         pipe.load_lora_weights(cfg.lora)

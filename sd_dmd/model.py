@@ -120,8 +120,9 @@ class DMDModel:
                 p.data = p.data.float()
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         self._activate(GENERATOR)
-        if gradient_checkpointing:
+        if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
             unet.enable_gradient_checkpointing()
+            vae.enable_gradient_checkpointing()
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())  # SDPA

@@ -15,8 +15,13 @@ import torch
 
 
 def one_step_pipeline(model: str, lora: str | None = None, scheduler: str = "lcm", dtype=torch.float32,
-                      device: str = "cpu", revision: str | None = None, variant: str | None = None):
-    """A ``StableDiffusionPipeline`` set up for one-step sampling with the LoRA loaded."""
+                      device: str = "cpu", revision: str | None = None, variant: str | None = None,
+                      fuse: bool = False, channels_last: bool = False):
+    """A ``StableDiffusionPipeline`` set up for one-step sampling with the LoRA loaded.
+
+    ``fuse`` merges the LoRA into the UNet weights (no LoRA branches at run time) and ``channels_last`` changes the
+    UNet/VAE memory format: the two speed-ups that ``benchmarks/latency.py`` measured and kept (docs/BENCHMARKS.md).
+    """
     from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, revision=revision, variant=variant,
@@ -31,7 +36,13 @@ def one_step_pipeline(model: str, lora: str | None = None, scheduler: str = "lcm
     else:
         raise ValueError(f"unknown scheduler '{scheduler}' (lcm or ddim_trailing)")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if fuse and lora is not None:
+        pipe.fuse_lora()
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
 
 
 def one_step_call_kwargs(pipe, conditioning_timestep: int = 999) -> dict:
@@ -41,6 +52,39 @@ def one_step_call_kwargs(pipe, conditioning_timestep: int = 999) -> dict:
     if isinstance(pipe.scheduler, LCMScheduler):
         return dict(num_inference_steps=1, timesteps=[conditioning_timestep], guidance_scale=0.0)
     return dict(num_inference_steps=1, guidance_scale=0.0)
+
+
+@torch.inference_mode()
+def one_step_generate(pipe, prompt: str | list[str], *, latents: torch.Tensor | None = None, generator=None,
+                      conditioning_timestep: int = 999, output_type: str = "pil"):
+    """Images x = decode(G(z)) from the pipeline's components, without the pipeline's per-call machinery (input
+    checks, scheduler set-up, the module walk of ``_execution_device``): the same images as
+    ``pipe(prompt, **one_step_call_kwargs(pipe))`` (tests/test_model.py), 22-29% faster for the digits model on
+    CPU (docs/BENCHMARKS.md, latency).
+
+    ``latents`` (B, 4, h, w) or ``generator`` (one or a list, as in diffusers) give the noise z.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    unet = pipe.unet
+    # diffusers' ``_execution_device`` walks every module looking for offload hooks (7.8 ms per call for the
+    # digits model with a LoRA, on CPU): ask the UNet unless accelerate's offloading hooks are in place
+    device = pipe._execution_device if hasattr(unet, "_hf_hook") else unet.device
+    emb, _ = pipe.encode_prompt(prompts, device, 1, False)
+    if latents is None:
+        side = unet.config.sample_size
+        latents = randn_tensor((len(prompts), unet.config.in_channels, side, side), generator=generator,
+                               device=device, dtype=emb.dtype)
+    z = latents.to(device, emb.dtype)
+    t = conditioning_timestep
+    a = pipe.scheduler.alphas_cumprod[t].to(device, torch.float32)
+    eps = unet(z, torch.full((z.shape[0],), t, device=device), encoder_hidden_states=emb).sample
+    x0 = ((z.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z.dtype)
+    if output_type == "latent":
+        return x0
+    image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 def image_grid(images, cols: int | None = None):
@@ -66,12 +110,14 @@ def main(argv=None):
     p.add_argument("--scheduler", default="lcm", choices=["lcm", "ddim_trailing"])
     p.add_argument("--conditioning_timestep", type=int, default=999)
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--fast", action="store_true", help="fuse the LoRA into the UNet and use channels_last")
     p.add_argument("--out", required=True, type=Path, help="output PNG (a grid when several images)")
     args = p.parse_args(argv)
     from .model import DTYPES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = one_step_pipeline(args.model, args.lora, args.scheduler, DTYPES[args.dtype], device)
+    pipe = one_step_pipeline(args.model, args.lora, args.scheduler, DTYPES[args.dtype], device, fuse=args.fast,
+                             channels_last=args.fast)
     images = []
     for i, prompt in enumerate(args.prompt):
         g = [torch.Generator("cpu").manual_seed(args.seed + i * args.num_images + k) for k in range(args.num_images)]

@@ -56,6 +56,8 @@ def _decoder(cfg: Config, model: DMDModel, device):
 
     taesd = AutoencoderTiny.from_pretrained(r.tiny_vae).to(device, dtype=model.weight_dtype).requires_grad_(False)
     taesd.eval()
+    if cfg.train.gradient_checkpointing:
+        taesd.enable_gradient_checkpointing()
     # AutoencoderTiny works on SD's scaled latents (its scaling_factor is 1) and returns [-1, 1] images
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
 

@@ -86,7 +86,8 @@ class TrainConfig:
     max_steps: int = field(20000, "generator updates")
     seed: int = field(0, "seed; process r draws prompts/noise from (seed, r)")
     mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "autocast dtype for the forward passes")
-    gradient_checkpointing: bool = field(False, "recompute UNet activations in backward")
+    gradient_checkpointing: bool = field(
+        False, "recompute activations in backward (UNet, and the VAE/TAESD decoder of LPIPS regression)")
     ema_decay: float = field(0.0, "EMA of the generator LoRA (0 = off); final/ gets the EMA weights")
     max_nonfinite_steps: int = field(20, "stop after this many consecutive non-finite steps")
 

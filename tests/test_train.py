@@ -106,6 +106,19 @@ def test_adamw8bit_and_lpips_paths(setup, tmp_path):
     assert t.history[-1]["loss_reg"] > 0
 
 
+def test_gradient_checkpointing_same_result(setup, tmp_path):
+    """Checkpointing (UNet and, for LPIPS regression, the VAE decoder) recomputes; it must not change the update."""
+    args = ("--regression.loss", "lpips", "--regression.decoder", "vae", "--regression.lpips_pretrained_backbone",
+            "false", "--train.max_steps", "2")
+    plain = train(_cfg(setup, tmp_path / "plain", *args))
+    ckpt = train(_cfg(setup, tmp_path / "ckpt", *args, "--train.gradient_checkpointing", "true"))
+    assert ckpt.model.unet.is_gradient_checkpointing and ckpt.model.vae.decoder.gradient_checkpointing
+    assert not plain.model.vae.decoder.gradient_checkpointing
+    a, b = _adapters(plain), _adapters(ckpt)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 0  # the steps did update the adapters
+
+
 def test_ttur_without_regression(setup, tmp_path):
     t = train(_cfg(setup, tmp_path / "d2", "--regression.loss", "none", "--dmd.fake_updates_per_step", "3",
                    "--train.max_steps", "2"))
