@@ -49,9 +49,11 @@ def _rss_gib() -> float:
 
 
 class PeakMemory:
-    """Peak GPU memory allocated (CUDA), or peak host RSS above the current RSS (CPU; meaningful per process)."""
+    """Peak GPU memory allocated (CUDA), or peak host RSS above the current RSS (CPU, only in a child process of
+    its own: ``ru_maxrss`` is the peak over the whole process life; otherwise nan)."""
 
-    def __init__(self):
+    def __init__(self, host: bool = False):
+        self.host = host
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -61,6 +63,8 @@ class PeakMemory:
     def peak_gib(self) -> float:
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated() / 2**30
+        if not self.host:
+            return float("nan")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - self.rss0
 
 
@@ -199,7 +203,7 @@ def run_row(spec: dict) -> dict:
     """Measure one row; ``spec`` has design, model, res, pairs, prompts, taesd, batch, precision, gc, opt8, reg,
     rank, repeats, profile."""
     s = spec
-    mem = PeakMemory()
+    mem = PeakMemory(host=s.get("isolated", False))
     if s["design"] == "shared":
         tr = shared_trainer(s["model"], s["res"], s["pairs"], s["prompts"], s["batch"], s["precision"], s["gc"] == "on",
                             s["opt8"] == "on", s["reg"], s["taesd"], s["rank"])
@@ -262,8 +266,8 @@ def _limit_host_memory() -> None:
 def run_isolated(spec: dict) -> dict | None:
     """Run one row in a child process; None when it runs out of memory (killed, or torch's OOM error)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, "--_row", json.dumps(spec)], stdout=subprocess.PIPE, env=env,
-                          text=True)
+    proc = subprocess.run([sys.executable, __file__, "--_row", json.dumps(dict(spec, isolated=True))],
+                          stdout=subprocess.PIPE, env=env, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])
