@@ -76,11 +76,12 @@ def one_step_generate(pipe, prompt: str | list[str], *, latents: torch.Tensor | 
         side = unet.config.sample_size
         latents = randn_tensor((len(prompts), unet.config.in_channels, side, side), generator=generator,
                                device=device, dtype=emb.dtype)
+    from .schedule import NoiseSchedule
+
     z = latents.to(device, emb.dtype)
-    t = conditioning_timestep
-    a = pipe.scheduler.alphas_cumprod[t].to(device, torch.float32)
-    eps = unet(z, torch.full((z.shape[0],), t, device=device), encoder_hidden_states=emb).sample
-    x0 = ((z.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z.dtype)
+    t = torch.full((z.shape[0],), conditioning_timestep, device=device)
+    eps = unet(z, t, encoder_hidden_states=emb).sample
+    x0 = NoiseSchedule.from_scheduler(pipe.scheduler).eps_to_x0(z, eps, t).to(z.dtype)
     if output_type == "latent":
         return x0
     image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
