@@ -8,11 +8,13 @@ All three are exposed as denoiser callables ``(x_t, t, cond) -> x0_hat`` for :mo
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 from .denoisers import CFGDenoiser, EpsDenoiser
 from .schedule import NoiseSchedule
@@ -86,6 +88,49 @@ def load_components(path: str, revision: Optional[str] = None, variant: Optional
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
+def _tuner_layers(module: torch.nn.Module) -> list:
+    """peft's LoRA layers inside ``module`` (cached on the module: the block structure never changes)."""
+    layers = getattr(module, "_sd_dmd_tuner_layers", None)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        object.__setattr__(module, "_sd_dmd_tuner_layers", layers)  # not a submodule: plain attribute
+    return layers
+
+
+@contextlib.contextmanager
+def _adapter_state(state: list):
+    """Route each LoRA layer as in ``state`` [(layer, active_adapter, disabled)], then restore.
+
+    Sets what BaseTunerLayer.set_adapter / enable_adapters set, without their requires_grad side effects
+    (which would drop the gradients of the graph being recomputed)."""
+    before = [(layer, layer._active_adapter, layer._disable_adapters) for layer, _, _ in state]
+    try:
+        for layer, active, disabled in state:
+            layer._active_adapter, layer._disable_adapters = active, disabled
+        yield
+    finally:
+        for layer, active, disabled in before:
+            layer._active_adapter, layer._disable_adapters = active, disabled
+
+
+def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
+    """Gradient checkpointing for a UNet whose adapters switch between forward and backward.
+
+    diffusers recomputes each checkpointed block during backward with whatever adapter is active *then*;
+    on the shared UNet that is usually another role's (after the DM loss the ``fake`` adapter is active,
+    so the generator's gradient would be recomputed through the fake LoRA). ``context_fn`` runs at
+    forward time: it records the block's adapter routing and re-applies it around the recomputation."""
+    layers = _tuner_layers(module)
+
+    def context_fn():
+        state = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
+        return contextlib.nullcontext(), _adapter_state(state)
+
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+
 def _nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
@@ -121,7 +166,7 @@ class DMDModel:
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         self._activate(GENERATOR)
         if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
-            unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_pinning_adapters)
             vae.enable_gradient_checkpointing()
         from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -180,7 +225,7 @@ class DMDModel:
             else:
                 self._activate(adapter)
             try:
-                out = self.unet(x_t.to(self.unet.dtype) if not torch.is_autocast_enabled() else x_t, t,
+                out = self.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype), t,
                                 encoder_hidden_states=cond).sample
             finally:
                 if adapter is None:
