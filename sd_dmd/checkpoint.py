@@ -19,35 +19,49 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-def _flatten_optimizer(opt_state: dict) -> tuple[dict, dict]:
-    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
-    for pid, st in opt_state["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"][str(pid)][k] = v
-    return tensors, meta
+TENSOR_REF = "__safetensors_key__"
+
+
+def _split_tensors(obj, path: str, tensors: dict):
+    """Replace every tensor in a nested dict/list by ``{TENSOR_REF: key}``, collecting it in ``tensors``.
+
+    Any depth: bitsandbytes' 8-bit AdamW nests its quantisation state under
+    ``__bnb_optimizer_quant_state__``. Keys are paths of the (stringified) dict keys."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {TENSOR_REF: path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _split_tensors(v, f"{path}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"optimizer state at {path!r} holds a {type(obj).__name__}, which checkpoints cannot store")
+
+
+def _join_tensors(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if TENSOR_REF in obj:
+            return tensors[obj[TENSOR_REF]]
+        return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
 
 
 def save_optimizer(optimizer, path: Path) -> None:
-    """optimizer.state_dict() as ``path.safetensors`` (tensors) + ``path.json`` (the rest)."""
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    """optimizer.state_dict() as ``path.safetensors`` (tensors) + ``path.json`` (the structure, with the
+    original key types: dict items are stored as [key, value] pairs so integer parameter ids stay ints)."""
+    tensors: dict = {}
+    meta = _split_tensors(optimizer.state_dict(), "", tensors)
     save_file(tensors, str(path.with_suffix(".safetensors")))
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 def load_optimizer(optimizer, path: Path) -> None:
     tensors = load_file(str(path.with_suffix(".safetensors")))
-    meta = json.loads(path.with_suffix(".json").read_text())
-    state = {}
-    for pid, extra in meta["state"].items():
-        state[int(pid)] = dict(extra)
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    state = _join_tensors(json.loads(path.with_suffix(".json").read_text()), tensors)
+    optimizer.load_state_dict(state)
 
 
 def atomic_json(path: Path, obj) -> None:

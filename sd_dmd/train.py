@@ -21,16 +21,18 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
 from . import checkpoint as ckpt
 from .config import ConfigError, save_config
 from .export import KOHYA_FILE, export_kohya, load_adapter, save_lora
-from .losses import dmd_loss, fake_score_loss, make_regression_loss
+from .losses import make_regression_loss
 from .model import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec
 from .pairs import PairsStore, teacher_identity
 from .prompts import PromptFilter, read_prompts
 from .schedule import sample_timesteps
-from .train_config import Config
+from .step import CriticBatch, GeneratorBatch, split_batch, critic_loss, generator_loss, generator_samples
+from .train_config import Config, resolve_precision, resume_conflicts
 
 
 class TrainingError(RuntimeError):
@@ -62,11 +64,34 @@ def _decoder(cfg: Config, model: DMDModel, device):
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
 
 
+def check_precision(cfg: Config, accelerator) -> None:
+    """The autocast the accelerator runs is the one the config asks for, and the weights are safe under it."""
+    resolve_precision(cfg, accelerator.mixed_precision)
+    if cfg.train.mixed_precision != accelerator.mixed_precision:
+        raise ConfigError(f"train.mixed_precision: the config says {cfg.train.mixed_precision!r} but the accelerator "
+                          f"runs {accelerator.mixed_precision!r}")
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ConfigError(f"train.mixed_precision: fp16 needs a GPU; on {accelerator.device.type} accelerate silently "
+                          "runs fp32 with no loss scaling (use bf16 or no)")
+
+
+def check_pairs_guidance(cfg: Config, store: PairsStore) -> None:
+    """Regression targets made with another teacher guidance pull G toward another distribution than the real
+    score's (DESIGN.md: the pairs use the real score's guidance)."""
+    made = float(store.manifest["guidance_scale"])
+    if made != cfg.dmd.real_guidance_scale and not cfg.regression.allow_guidance_mismatch:
+        raise ConfigError(f"regression.pairs_dir: {store.path} holds pairs made with teacher guidance {made:g}, but "
+                          f"dmd.real_guidance_scale is {cfg.dmd.real_guidance_scale:g}; regenerate the pairs with "
+                          f"--guidance_scale {cfg.dmd.real_guidance_scale:g}, or set "
+                          "regression.allow_guidance_mismatch: true")
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator, log=print):
         self.cfg, self.acc, self.log = cfg, accelerator, log
         self.out = Path(cfg.output_dir)
         dev = accelerator.device
+        check_precision(cfg, accelerator)
         self.model = DMDModel.from_pretrained(
             cfg.model.pretrained_model_name_or_path, revision=cfg.model.revision, variant=cfg.model.variant,
             weight_dtype=DTYPES[cfg.model.weight_dtype], device=dev,
@@ -84,10 +109,11 @@ class Trainer:
         self.prompts, pstats = read_prompts(d.prompts, d.caption_column,
                                             PromptFilter(d.min_aesthetic, d.max_punsafe, d.max_pwatermark, d.dedupe))
         log(pstats.summary())
-        self.store = None
+        self.store = self.reg_loss = None
         if cfg.regression.loss != "none":
             self.store = PairsStore(cfg.regression.pairs_dir)
             self.store.check_compatible(teacher_identity(m.unet), cfg.model.resolution)
+            check_pairs_guidance(cfg, self.store)
             kw = {}
             if cfg.regression.loss == "lpips":
                 kw = dict(net=cfg.regression.lpips_net, pretrained_backbone=cfg.regression.lpips_pretrained_backbone)
@@ -116,7 +142,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
-        self.stop_requested = False
+        self.saved_step = None  # step of the last checkpoint written
+        self.stop_signal = None  # set by the SIGTERM/SIGINT handler
 
     # ----- sampling ---------------------------------------------------------------------------------
     def _randn(self, n: int) -> torch.Tensor:
@@ -129,99 +156,123 @@ class Trainer:
     def _timesteps(self, n: int, lo: int, hi: int) -> torch.Tensor:
         return sample_timesteps(n, lo, hi, generator=self.rng, device=self.acc.device)
 
+    def _draw_generator_batch(self) -> GeneratorBatch:
+        """One generator turn's data for all micro-batches at once, so that accumulating K micro-batches
+        of B equals one step on the batch of K * B."""
+        cfg, dev = self.cfg, self.acc.device
+        n = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+        batch = GeneratorBatch(self._prompts(n), self._randn(n), self._timesteps(n, cfg.dmd.t_min, cfg.dmd.t_max),
+                               self._randn(n))
+        if self.store is not None:
+            k = cfg.regression.batch_size * cfg.train.gradient_accumulation_steps
+            rows = torch.randint(0, len(self.store), (k,), generator=self.rng).tolist()
+            z_ref, y_ref, batch.ref_prompts = self.store.batch(rows, verify=cfg.regression.verify_noise)
+            batch.ref_z, batch.ref_y = z_ref.to(dev), y_ref.to(dev)
+        return batch
+
     # ----- gradient plumbing ----------------------------------------------------------------------
-    def _sync_and_clip(self, params) -> tuple[float, bool]:
-        """Average grads over processes (one flat all-reduce), clip; returns (norm, finite)."""
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (one tiny all-reduce)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            t = self.acc.reduce(t, reduction="sum")
+        return t.item() > 0
+
+    def _apply(self, params, optimizer, scheduler, stats: dict) -> tuple[float, bool]:
+        """Average the gradients over processes, unscale, clip, and step only when every process's losses
+        and the averaged gradient are finite: one collective decision, taken before any optimiser, LR or
+        EMA update. Returns (unscaled gradient norm, applied)."""
+        acc = self.acc
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.acc.num_processes > 1:
-            flat = torch.cat([p.grad.flatten() for p in params])
-            flat = self.acc.reduce(flat, reduction="mean")
+        bad = torch.tensor([0.0 if all(math.isfinite(v) for v in stats.values()) else 1.0], device=acc.device)
+        if acc.num_processes > 1:  # one flat all-reduce: gradients and the non-finite flag together
+            flat = acc.reduce(torch.cat([p.grad.flatten() for p in params] + [bad]), reduction="mean")
             offset = 0
             for p in params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
+            bad = flat[-1:]
+        scaler = acc.scaler
+        if scaler is not None:  # fp16: unscale this optimiser's gradients before measuring or clipping them
+            scaler.unscale_(optimizer.optimizer)
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm > 0:
-            norm = self.acc.clip_grad_norm_(params, max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = float(norm)
-        return norm, math.isfinite(norm)
-
-    def _step(self, optimizer, scheduler, finite: bool) -> None:
-        """Step when the gradients are finite. Under fp16 the GradScaler must see every step (it skips
-        overflowing ones itself and lowers the scale), so the prepared optimiser always steps then."""
-        if finite or self.acc.scaler is not None:
-            optimizer.step()
-            if finite:
-                scheduler.step()
+        applied = bad.item() == 0 and math.isfinite(norm)
+        if applied:
+            optimizer.step()  # under fp16 the GradScaler steps the already-unscaled gradients and updates
+            scheduler.step()
+        elif scaler is not None:
+            scaler.update()  # lowers the scale after an overflow; the optimiser, LR and EMA do not move
         optimizer.zero_grad(set_to_none=True)
+        return norm, applied
 
     # ----- the two turns ----------------------------------------------------------------------------
-    def generator_turn(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        cfg, m, acc = self.cfg, self.model, self.acc
+    def generator_turn(self) -> tuple[dict, bool, list]:
+        """Returns (stats, applied, [(x, cond) per micro-batch]) for the fake turn to train on."""
+        cfg, acc = self.cfg, self.acc
         n_acc = cfg.train.gradient_accumulation_steps
         stats: dict = {}
-        real, fake = m.real_denoiser(), m.fake_denoiser()
-        x_last = c_last = None
-        for _ in range(n_acc):
-            cond = m.encode_prompts(self._prompts(cfg.train.batch_size))
+        samples = []
+        for mb in self._draw_generator_batch().split(n_acc):
             with acc.autocast():
-                x = m.generate(self._randn(cfg.train.batch_size), cond)
-                t = self._timesteps(cfg.train.batch_size, cfg.dmd.t_min, cfg.dmd.t_max)
-                loss_dm, s = dmd_loss(x, real, fake, t, self._randn(cfg.train.batch_size), m.schedule, cond)
-                loss = cfg.dmd.dm_weight * loss_dm
-                if self.store is not None:
-                    rows = torch.randint(0, len(self.store), (cfg.regression.batch_size,), generator=self.rng).tolist()
-                    z_ref, y_ref, p_ref = self.store.batch(rows, verify=cfg.regression.verify_noise)
-                    x_ref = m.generate(z_ref.to(acc.device), m.encode_prompts(p_ref))
-                    loss_reg, s_reg = self.reg_loss(x_ref, y_ref.to(acc.device))
-                    loss = loss + cfg.regression.weight * loss_reg
-                    s.update(s_reg)
+                loss, s, x, cond = generator_loss(self.model, mb, dm_weight=cfg.dmd.dm_weight,
+                                                  regression=self.reg_loss, regression_weight=cfg.regression.weight)
             acc.backward(loss / n_acc)
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v / n_acc
-            x_last, c_last = x.detach(), cond
-        norm, finite = self._sync_and_clip(self.gen_params)
-        stats["grad_norm_generator"] = norm
-        self._step(self.opt_g, self.sched_g, finite)
-        if finite and self.ema is not None:
+            samples.append((x, cond))
+        norm, applied = self._apply(self.gen_params, self.opt_g, self.sched_g, stats)
+        if applied and self.ema is not None:
             self.ema.step(self.gen_params)
-        stats["_finite_g"] = finite
-        return stats, x_last, c_last
+        stats["grad_norm_generator"] = norm
+        return stats, applied, samples
 
-    def fake_turn(self, x: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> dict:
-        """One fake-score update; ``x``/``cond`` reuse the generator turn's samples when given."""
+    def fake_turn(self, samples: Optional[list] = None) -> tuple[dict, bool]:
+        """One fake-score update on the generator turn's samples, or on fresh ones when ``samples`` is None."""
         cfg, m, acc = self.cfg, self.model, self.acc
         n_acc = cfg.train.gradient_accumulation_steps
-        fake = m.fake_denoiser()
-        total = 0.0
-        for i in range(n_acc):
-            if x is None or i > 0:
-                cond = m.encode_prompts(self._prompts(cfg.train.batch_size))
-                with torch.no_grad(), acc.autocast():
-                    x = m.generate(self._randn(cfg.train.batch_size), cond)
+        n = cfg.train.batch_size * n_acc
+        if samples is None:
+            prompts, z = self._prompts(n), self._randn(n)
             with acc.autocast():
-                t = self._timesteps(x.shape[0], 0, m.schedule.num_train_timesteps - 1)
-                loss, _ = fake_score_loss(fake, x, t, self._randn(x.shape[0]), m.schedule, cond)
+                x, cond = generator_samples(m, z, prompts)
+            samples = list(zip(split_batch(x, n_acc), split_batch(cond, n_acc)))
+        batch = CriticBatch(self._timesteps(n, 0, m.schedule.num_train_timesteps - 1), self._randn(n))
+        stats: dict = {}
+        for (x, cond), mb in zip(samples, batch.split(n_acc)):
+            with acc.autocast():
+                loss, s = critic_loss(m, x, cond, mb)
             acc.backward(loss / n_acc)
-            total += loss.item() / n_acc
-        norm, finite = self._sync_and_clip(self.fake_params)
-        self._step(self.opt_f, self.sched_f, finite)
-        return {"loss_fake": total, "grad_norm_fake": norm, "_finite_f": finite}
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v / n_acc
+        norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats)
+        stats["grad_norm_fake"] = norm
+        return stats, applied
 
-    def train_step(self) -> dict:
-        stats, x, cond = self.generator_turn()
+    def train_step(self) -> tuple[dict, bool]:
+        """A generator turn, then ``fake_updates_per_step`` fake turns (TTUR; the first reuses G's samples).
+
+        Returns (stats, applied). A generator turn that is not finite on every process skips the whole step:
+        nothing moves. A non-finite fake turn skips that fake update alone (counted in ``fake_updates_skipped``)."""
+        stats, applied, samples = self.generator_turn()
+        if not applied:
+            return stats, False
         n = self.cfg.dmd.fake_updates_per_step
-        stats.update(loss_fake=0.0, grad_norm_fake=0.0, _finite_f=True)
-        for k in range(n):  # TTUR: n fake updates per generator update; the first reuses G's samples
-            f = self.fake_turn(x if k == 0 else None, cond if k == 0 else None)
-            stats["loss_fake"] += f["loss_fake"] / n
-            stats["grad_norm_fake"] += f["grad_norm_fake"] / n
-            stats["_finite_f"] &= f["_finite_f"]
-        return stats
+        stats.update(loss_fake=0.0, grad_norm_fake=0.0, fake_updates_skipped=0)
+        for k in range(n):
+            f, ok = self.fake_turn(samples if k == 0 else None)
+            if ok:
+                stats["loss_fake"] += f["loss_fake"] / n
+                stats["grad_norm_fake"] += f["grad_norm_fake"] / n
+            else:
+                stats["fake_updates_skipped"] += 1
+        return stats, True
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -234,6 +285,7 @@ class Trainer:
         acc.wait_for_everyone()
         ckpt.save_rng(self.rng, tmp / f"rng-{acc.process_index}.safetensors")
         if acc.is_main_process:
+            save_config(self.cfg, tmp / "config.yaml")  # what a resume must stay compatible with
             save_lora(self.model, tmp / "generator", GENERATOR)
             save_lora(self.model, tmp / "fake", FAKE)
             ckpt.save_optimizer(self.opt_g.optimizer, tmp / "optimizer_generator")
@@ -257,6 +309,7 @@ class Trainer:
             ckpt.rotate(self.out, self.cfg.checkpointing.keep_last)
             self.log(f"saved {final}")
         acc.wait_for_everyone()
+        self.saved_step = self.step
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -335,58 +388,73 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         from tqdm.auto import tqdm
 
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="dmd",
                    dynamic_ncols=True)
         t_last, samples = time.time(), 0
         while self.step < cfg.train.max_steps:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            stats = self.train_step()
-            finite = stats.pop("_finite_g") and stats.pop("_finite_f", True) and all(
-                math.isfinite(v) for v in stats.values())
-            if not finite:
-                self.nonfinite_in_a_row += 1
-                self.nonfinite_total += 1
-                self.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
-                         f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in total)")
-                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    last = ckpt.list_checkpoints(self.out)
-                    raise TrainingError(f"{self.nonfinite_in_a_row} consecutive non-finite steps; stopping. Last good "
-                                        f"checkpoint: {last[-1][1] if last else 'none'}")
-                continue
-            self.nonfinite_in_a_row = 0
-            self.step += 1
-            samples += cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
-            bar.update(1)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
-                dt = time.time() - t_last
-                stats.update(samples_per_s=samples / max(dt, 1e-9), lr_generator=self.sched_g.get_last_lr()[0],
-                             nonfinite_total=self.nonfinite_total)
-                if torch.cuda.is_available():
-                    stats["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                t_last, samples = time.time(), 0
-                self.history.append({"step": self.step, **{k: round(float(v), 6) for k, v in stats.items()}})
-                acc.log(stats, step=self.step)
-                if acc.is_main_process:
-                    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_dm", "loss_reg", "loss_fake") if k in stats})
-                    self.log(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-            if cfg.logging.validation_every and self.step % cfg.logging.validation_every == 0:
-                self.validation_grid(f"step-{self.step:06d}")
-            if cfg.checkpointing.every and self.step % cfg.checkpointing.every == 0:
-                self.save_checkpoint()
-            if self.stop_requested:
-                self.log("SIGTERM received: writing a checkpoint and stopping")
-                if not (cfg.checkpointing.every and self.step % cfg.checkpointing.every == 0):
+            stats, applied = self.train_step()
+            self._count_nonfinite(stats, applied)
+            if applied:
+                self.step += 1
+                samples += cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
+                bar.update(1)
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                    dt = time.time() - t_last
+                    stats.update(samples_per_s=samples / max(dt, 1e-9), lr_generator=self.sched_g.get_last_lr()[0],
+                                 nonfinite_total=self.nonfinite_total)
+                    if torch.cuda.is_available():
+                        stats["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    t_last, samples = time.time(), 0
+                    self._log_stats(stats, bar)
+                if cfg.logging.validation_every and self.step % cfg.logging.validation_every == 0:
+                    self.validation_grid(f"step-{self.step:06d}")
+                if cfg.checkpointing.every and self.step % cfg.checkpointing.every == 0:
                     self.save_checkpoint()
-                bar.close()
-                raise SystemExit(143)
+            if self._any_process(self.stop_signal is not None):  # every process stops at the same step
+                self._stop(bar)
         bar.close()
         acc.wait_for_everyone()
         return self.export_final()
 
-    def _on_sigterm(self, signum, frame):
-        self.stop_requested = True
+    def _count_nonfinite(self, stats: dict, applied: bool) -> None:
+        skipped_fake = stats.get("fake_updates_skipped", 0)
+        if applied and not skipped_fake:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        what = (f"step {self.step + 1}: non-finite loss or gradient on some process; step skipped, nothing updated"
+                if not applied else f"step {self.step}: {skipped_fake} non-finite fake-score update(s) skipped")
+        if self.acc.scaler is not None:
+            what += f" (fp16 loss scale now {self.acc.scaler.get_scale():g})"
+        self.log(f"{what} ({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in total)")
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+            last = ckpt.list_checkpoints(self.out)
+            raise TrainingError(f"{self.nonfinite_in_a_row} consecutive non-finite steps; stopping. Last good "
+                                f"checkpoint: {last[-1][1] if last else 'none'}")
+
+    def _log_stats(self, stats: dict, bar) -> None:
+        self.history.append({"step": self.step, **{k: round(float(v), 6) for k, v in stats.items()}})
+        self.acc.log(stats, step=self.step)
+        if self.acc.is_main_process:
+            bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss_dm", "loss_reg", "loss_fake") if k in stats})
+            self.log(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+
+    def _stop(self, bar) -> None:
+        """SIGTERM/SIGINT reached some process: all of them write one checkpoint and exit (143 / 130)."""
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a stop signal on another process"
+        self.log(f"{name} received: writing a checkpoint and stopping")
+        if self.saved_step != self.step:  # decided from state every process shares: no process waits alone
+            self.save_checkpoint()
+        bar.close()
+        raise SystemExit(130 if self.stop_signal == signal.SIGINT else 143)
+
+    def _on_stop_signal(self, signum, frame):
+        self.stop_signal = signum
 
 
 def write_model_card(cfg: Config, final: Path, history: list[dict], grid: Optional[Path]) -> None:
@@ -448,49 +516,99 @@ ComfyUI / A1111: use `{KOHYA_FILE}` (kohya key format) with an LCM sampler at 1 
     (final / "README.md").write_text(text)
 
 
-def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into another run's directory unless resuming or overwriting."""
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it or "
-                              "--overwrite to replace it")
-        for _, p in ckpt.list_checkpoints(out):
-            shutil.rmtree(p)
-        shutil.rmtree(out / "final", ignore_errors=True)
+# What a run directory holds; --overwrite deletes these and refuses a directory holding anything else.
+RUN_ARTEFACTS = ("config.yaml", "final", "logs", "validation")
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse another run's directory unless resuming or overwriting (writes nothing)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if not out.exists() or not any(out.iterdir()) or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it or "
+                          "--overwrite to replace it")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_ARTEFACTS and not ckpt.CKPT_RE.match(p.name.removesuffix(".tmp")))
+    if foreign:
+        raise ConfigError(f"output_dir: {out} holds {', '.join(foreign[:5])}, which no run writes; --overwrite "
+                          "only replaces a run directory (move those away or choose another output_dir)")
+
+
+def clear_output_dir(out: Path) -> None:
+    """--overwrite: nothing of the old run stays (checkpoints, final/, TensorBoard events, validation images)."""
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_resume_config(cfg: Config, checkpoint: Path) -> None:
+    """A resume may not change what the saved adapters are (train_config.FIXED_ON_RESUME): one error naming
+    every changed key, raised before anything is written."""
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():
+        saved_path = checkpoint.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = resume_conflicts(saved, asdict(cfg))
+    if changed:
+        raise ConfigError(f"--resume from {checkpoint} with settings that differ from the saved run: "
+                          f"{'; '.join(changed)} (start a new output_dir, or drop these overrides)")
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Trainer":
-    """Run (or resume) training; returns the Trainer, whose ``final`` is the exported LoRA directory."""
+    """Run (or resume) training; returns the Trainer, whose ``final`` is the exported LoRA directory.
+
+    Every check (config, precision, resume compatibility, model, prompts, pairs) runs before the output
+    directory is touched, so a failed start leaves it as it was."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(cfg.output_dir)
     if resume and cfg.checkpointing.resume_from is None:
         cfg.checkpointing.resume_from = "latest"
+    resuming = cfg.checkpointing.resume_from is not None
+    check_output_dir(out, resuming, overwrite)
+    resolve_precision(cfg)
+    check_tracker(cfg.logging.tracker)
+    path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
+    if path is not None:
+        check_resume_config(cfg, path)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
                       log_with=None if cfg.logging.tracker == "none" else cfg.logging.tracker,
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(cfg.train.seed)  # identical LoRA initialisation on every process
+    log = print if acc.is_main_process else (lambda *a, **k: None)
+    trainer = Trainer(cfg, acc, log)  # loads and checks the model, prompts and pairs
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        prepare_output_dir(cfg, resume or cfg.checkpointing.resume_from is not None, overwrite)
+        if overwrite and out.exists():
+            clear_output_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     acc.wait_for_everyone()
-    set_seed(cfg.train.seed)  # identical LoRA initialisation on every process
-    log = print if acc.is_main_process else (lambda *a, **k: None)
-    trainer = Trainer(cfg, acc, log)
     log(trainer.model.describe())
     if cfg.logging.tracker != "none":
         acc.init_trackers("sd_dmd", config=_flat(asdict(cfg)))
-    path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
     if path is not None:
         trainer.load_checkpoint(path)
-    elif cfg.checkpointing.resume_from is not None:
+    elif resuming:
         log("no checkpoint to resume from; starting at step 0")
     trainer.final = trainer.fit()
     acc.end_training()
     log(f"done: generator LoRA at {trainer.final} (load with pipe.load_lora_weights('{trainer.final}'))")
     return trainer
+
+
+def check_tracker(tracker: str) -> None:
+    if tracker == "none":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is None:
+        raise ConfigError(f"logging.tracker: {tracker} is not installed (pip install {tracker}, or "
+                          "--logging.tracker none)")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,6 +1,7 @@
 """Config of ``train_text2image.py``: nested groups, defaults < YAML < ``--group.key value``."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -13,7 +14,9 @@ class ModelConfig:
     pretrained_model_name_or_path: str = field("runwayml/stable-diffusion-v1-5", "teacher: diffusers dir or hub id")
     revision: Optional[str] = field(None, "hub revision")
     variant: Optional[str] = field(None, "weight variant, e.g. fp16")
-    weight_dtype: Literal["fp32", "fp16", "bf16"] = field("fp16", "dtype of the frozen base weights (LoRA stays fp32)")
+    weight_dtype: Literal["auto", "fp32", "fp16", "bf16"] = field(
+        "auto", "dtype of the frozen base weights (LoRA stays fp32); auto: the autocast dtype, fp32 without autocast. "
+                "Half-precision weights need autocast (train.mixed_precision)")
     resolution: int = field(512, "training resolution in pixels (latents are resolution / VAE factor)")
 
 
@@ -53,6 +56,8 @@ class RegressionConfig:
     lpips_net: Literal["vgg", "alex"] = field("vgg", "LPIPS backbone (paper: VGG)")
     lpips_pretrained_backbone: bool = field(True, "load the ImageNet backbone (false: random, for offline tests)")
     verify_noise: bool = field(False, "check regenerated pair noise against the stored digests")
+    allow_guidance_mismatch: bool = field(
+        False, "train on pairs made with a teacher guidance other than dmd.real_guidance_scale")
 
 
 @dataclass
@@ -85,7 +90,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
     max_steps: int = field(20000, "generator updates")
     seed: int = field(0, "seed; process r draws prompts/noise from (seed, r)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "autocast dtype for the forward passes")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
+        "auto", "autocast dtype for the forward passes; auto: what accelerate was configured/launched with")
     gradient_checkpointing: bool = field(
         False, "recompute activations in backward (UNet, and the VAE/TAESD decoder of LPIPS regression)")
     ema_decay: float = field(0.0, "EMA of the generator LoRA (0 = off); final/ gets the EMA weights")
@@ -152,3 +158,53 @@ class Config:
             raise ConfigError("train.ema_decay: must be in [0, 1)")
         if not self.data.prompts:
             raise ConfigError("data.prompts: at least one prompt file is required")
+
+
+# Keys a resume may not change: they define what the adapters in the checkpoint are (docs/RELIABILITY.md).
+# Every other key (max_steps, learning rates, logging, checkpointing, batch sizes, ...) may change on resume.
+FIXED_ON_RESUME = ("model.pretrained_model_name_or_path", "model.revision", "model.variant", "model.resolution",
+                   "lora.generator.rank", "lora.generator.alpha", "lora.generator.targets",
+                   "lora.fake.rank", "lora.fake.alpha", "lora.fake.targets", "dmd.conditioning_timestep")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def resume_conflicts(saved: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for each key of FIXED_ON_RESUME that differs between two config trees."""
+    out = []
+    for key in FIXED_ON_RESUME:
+        old, cur = _get(saved, key), _get(new, key)
+        if isinstance(old, list) and isinstance(cur, list):
+            same = sorted(map(str, old)) == sorted(map(str, cur))
+        else:
+            same = old == cur
+        if not same:
+            out.append(f"{key}: {old!r} -> {cur!r}")
+    return out
+
+
+def resolve_precision(cfg: Config, launched_with: Optional[str] = None) -> None:
+    """Settle ``train.mixed_precision`` and ``model.weight_dtype`` in place, refusing unsafe or conflicting pairs.
+
+    ``launched_with`` is accelerate's setting (``accelerate launch --mixed_precision`` or its config file,
+    passed to us as ACCELERATE_MIXED_PRECISION); read from the environment when None."""
+    if launched_with is None:
+        launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    t, m = cfg.train, cfg.model
+    if t.mixed_precision == "auto":
+        t.mixed_precision = launched_with or "no"
+    elif launched_with not in (None, "no", t.mixed_precision):
+        raise ConfigError(f"train.mixed_precision: the config says {t.mixed_precision!r} but accelerate was launched "
+                          f"with --mixed_precision {launched_with!r}; make them agree (or set "
+                          "train.mixed_precision: auto to follow accelerate)")
+    if m.weight_dtype == "auto":
+        m.weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[t.mixed_precision]
+    elif m.weight_dtype in ("fp16", "bf16") and t.mixed_precision == "no":
+        raise ConfigError(f"model.weight_dtype: {m.weight_dtype} weights without autocast run the whole UNet forward "
+                          "and backward in half precision with no loss scaling (LoRA gradients lose up to 99% "
+                          f"in fp16); set train.mixed_precision to {m.weight_dtype} or model.weight_dtype to "
+                          "fp32 (or auto)")

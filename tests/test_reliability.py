@@ -181,7 +181,7 @@ def test_sigterm_writes_checkpoint_and_exits(setup, tmp_path):
 
 # ----- numerics -------------------------------------------------------------------------------------
 def test_nonfinite_steps_are_skipped_and_counted(setup, tmp_path, monkeypatch):
-    import sd_dmd.train as T
+    import sd_dmd.step as T
 
     real = T.dmd_loss
     calls = {"n": 0}
@@ -199,7 +199,7 @@ def test_nonfinite_steps_are_skipped_and_counted(setup, tmp_path, monkeypatch):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(setup, tmp_path, monkeypatch):
-    import sd_dmd.train as T
+    import sd_dmd.step as T
 
     real = T.dmd_loss
     calls = {"n": 0}
