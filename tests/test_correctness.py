@@ -84,3 +84,96 @@ def test_checkpointing_recomputes_through_the_adapter_that_ran_forward(setup, re
         for a, b in zip(ck[kind], plain[kind]):
             assert torch.cat([x.flatten() for x in b]).norm() > 0
             assert rel(a, b) <= 1e-5, (kind, rel(a, b))
+
+
+# ----- item 6: only adapters learn, only the adapter being stepped, accumulation = one big batch ----------
+def _frozen_snapshot(trainer):
+    m = trainer.model
+    return {f"{part}.{n}": p.detach().clone() for part, mod in (("unet", m.unet), ("vae", m.vae), ("text", m.text_encoder))
+            for n, p in mod.named_parameters() if "lora_" not in n}
+
+
+def _adapter(trainer, name):
+    return [p.detach().clone() for p in trainer.model.adapter_parameters(name)]
+
+
+def watch_turns(trainer) -> dict:
+    """Check around every turn that the other adapter neither moves nor holds a gradient."""
+    seen = {"g": 0, "f": 0}
+    for key, turn_name, other in (("g", "generator_turn", FAKE), ("f", "fake_turn", GENERATOR)):
+        turn = getattr(trainer, turn_name)
+
+        def wrapped(*a, _turn=turn, _other=other, _key=key, **k):
+            before = _adapter(trainer, _other)
+            out = _turn(*a, **k)
+            after = trainer.model.adapter_parameters(_other)
+            assert all(torch.equal(x, y) for x, y in zip(before, after)), f"{_other} moved in a {_key} turn"
+            assert all(p.grad is None for p in after), f"{_other} holds gradients after a {_key} turn"
+            seen[_key] += 1
+            return out
+
+        setattr(trainer, turn_name, wrapped)
+    return seen
+
+
+def build(setup, regression, ckpt, *extra):
+    argv = ["--regression.loss", regression, "--train.gradient_checkpointing", str(ckpt).lower(), *extra]
+    if regression == "lpips":
+        argv += ["--regression.decoder", "vae", "--regression.lpips_pretrained_backbone", "false"]
+    t = make_trainer(setup, *argv)
+    randomize_adapters(t)
+    return t
+
+
+def configure(t: Trainer, ttur: int, n_acc: int, batch: int, ema: bool = False) -> None:
+    """Options the loop reads at every step; one trainer then covers every combination of them."""
+    from diffusers.training_utils import EMAModel
+
+    t.cfg.dmd.fake_updates_per_step = ttur
+    t.cfg.train.gradient_accumulation_steps = n_acc
+    t.cfg.train.batch_size = t.cfg.regression.batch_size = batch
+    t.ema = EMAModel(t.gen_params, decay=0.9) if ema else None
+
+
+GRAPH_OPTIONS = list(itertools.product(["none", "l2", "lpips"], [False, True]))
+
+
+@pytest.mark.parametrize("regression,ckpt", GRAPH_OPTIONS)
+def test_only_the_stepped_adapter_learns(setup, regression, ckpt):
+    """Every combination of regression none/l2/lpips x checkpointing x TTUR 1/3 x accumulation 1/2 x EMA."""
+    t = build(setup, regression, ckpt)
+    frozen = _frozen_snapshot(t)
+    seen = watch_turns(t)
+    for ttur, n_acc, ema in itertools.product([1, 3], [1, 2], [False, True]):
+        configure(t, ttur, n_acc, 2 // n_acc, ema)
+        moved = {name: _adapter(t, name) for name in (GENERATOR, FAKE)}
+        seen.update(g=0, f=0)
+        for _ in range(2):
+            stats, applied = t.train_step()
+            assert applied, stats
+        assert seen == {"g": 2, "f": 2 * ttur}
+        for name, before in moved.items():  # the checks in watch_turns can fail: both adapters did train
+            assert any(not torch.equal(a, b) for a, b in zip(before, t.model.adapter_parameters(name))), name
+        assert t.ema is None if not ema else t.ema.optimization_step == 2
+    after = _frozen_snapshot(t)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    m = t.model
+    assert all(p.grad is None for mod in (m.unet, m.vae, m.text_encoder)
+               for n, p in mod.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("regression,ckpt", GRAPH_OPTIONS)
+def test_accumulation_equals_one_big_batch(setup, regression, ckpt):
+    """Two micro-batches of 1 == one batch of 2 drawn from the same random stream, for every turn of a step.
+    lr 0: Adam turns a 1e-6 gradient difference into a full-size update, which later turns would compare."""
+    acc, ref = (build(setup, regression, ckpt, "--optim.lr_generator", "0", "--optim.lr_fake", "0") for _ in range(2))
+    for ttur in (1, 3):
+        configure(acc, ttur, 2, 1)
+        configure(ref, ttur, 1, 2)
+        got, want = record_updates(acc), record_updates(ref)
+        acc.train_step()
+        ref.train_step()
+        assert len(got["g"]) == 1 and len(got["f"]) == ttur
+        for kind in ("g", "f"):
+            for a, b in zip(got[kind], want[kind]):
+                assert rel(a, b) <= 1e-5, (kind, ttur, rel(a, b))

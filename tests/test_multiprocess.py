@@ -1,0 +1,147 @@
+"""Stops and skips are collective decisions under 2 CPU processes (issue 13, item 3).
+
+Before the fix, a SIGTERM that reached one rank while rank 0 rendered validation, or a NaN on one rank,
+left the ranks in different collectives: the run hung. Each launch here has a hard timeout, so a hang
+is a failure, not a stuck suite.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate_pairs
+from sd_dmd import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HARNESS = r'''
+import os, sys, time, json
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from safetensors.torch import save_file
+from sd_dmd.config import load_config
+from sd_dmd.model import DMDModel, FAKE, GENERATOR
+from sd_dmd.train import Trainer, train
+from sd_dmd.train_config import Config
+
+hd, mode = Path(os.environ["HARNESS_DIR"]), os.environ["HARNESS_MODE"]
+rank = int(os.environ.get("RANK", "0"))
+(hd / f"pid{{rank}}").write_text(str(os.getpid()))
+if mode == "slow_validation" and rank == 0:
+    render, first = Trainer.validation_grid, [True]
+    def slow(self, tag):
+        if first[0]:
+            first[0] = False
+            (hd / "validating").touch()
+            time.sleep(6)
+            (hd / "validated").touch()
+        return render(self, tag)
+    Trainer.validation_grid = slow
+if mode == "nan" and rank == 1:  # one sample of the teacher's output is NaN in step 2 on rank 1 only
+    real, calls = DMDModel.real_denoiser, [0]
+    def nan_real(self, *a, **k):
+        f = real(self, *a, **k)
+        def g(x_t, t, cond):
+            out = f(x_t, t, cond)
+            calls[0] += 1
+            if calls[0] == 2:
+                out = out.clone()
+                out[0] = float("nan")
+            return out
+        return g
+    DMDModel.real_denoiser = nan_real
+code = 0
+try:
+    t = train(load_config(Config, sys.argv[1:])[0])
+    save_file({{f"{{a}}.{{k}}": p.detach().contiguous() for a in (GENERATOR, FAKE)
+               for k, p in t.model.adapter_named_parameters(a).items()}}, str(hd / f"rank{{rank}}.safetensors"))
+    (hd / f"state{{rank}}.json").write_text(json.dumps({{"step": t.step, "nonfinite_total": t.nonfinite_total,
+                                                       "history": t.history}}))
+except SystemExit as e:
+    code = e.code
+(hd / f"exit{{rank}}").write_text(str(code))
+sys.exit(code)
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipe_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("mp")
+    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
+    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
+                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
+                         "--num_pairs", "8"])
+    (d / "harness.py").write_text(HARNESS.format(root=str(ROOT)))
+    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt"), "dir": d}
+
+
+def launch(setup, hd: Path, mode: str, out: Path, *extra) -> subprocess.Popen:
+    hd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HARNESS_DIR": str(hd),
+           "HARNESS_MODE": mode}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(setup["dir"] / "harness.py"),
+           "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", setup["pipe"],
+           "--regression.pairs_dir", setup["pairs"], "--data.prompts", setup["prompts"], "--output_dir", str(out),
+           *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the 2-process run hung (killed after {timeout} s):\n{out[-3000:]}")
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.time() > end:
+            out = finish(proc, 1)
+            pytest.fail(f"{path.name} never appeared:\n{out[-3000:]}")
+        time.sleep(0.1)
+
+
+def test_sigterm_on_one_rank_during_validation_stops_both_with_a_checkpoint(setup, tmp_path):
+    hd, out = tmp_path / "h", tmp_path / "run"
+    proc = launch(setup, hd, "slow_validation", out, "--train.max_steps", "40", "--logging.validation_every", "1",
+                  "--checkpointing.every", "100")
+    wait_for(hd / "validating", proc, 240)
+    os.kill(int((hd / "pid1").read_text()), signal.SIGTERM)  # rank 1 now; rank 0 only after its validation
+    wait_for(hd / "validated", proc, 60)
+    time.sleep(1.0)
+    try:
+        os.kill(int((hd / "pid0").read_text()), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    log = finish(proc, 180)
+    assert [(hd / f"exit{r}").read_text() for r in (0, 1)] == ["143", "143"], log[-3000:]
+    done = ckpt.list_checkpoints(out)
+    assert done, log[-3000:]
+    state = json.loads((done[-1][1] / ckpt.STATE_FILE).read_text())
+    assert state["step"] == done[-1][0] < 40
+    assert not list(out.glob("checkpoint-*.tmp"))
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(setup, tmp_path):
+    hd, out = tmp_path / "h", tmp_path / "run"
+    log = finish(launch(setup, hd, "nan", out, "--train.max_steps", "3"), 300)
+    assert [(hd / f"exit{r}").read_text() for r in (0, 1)] == ["0", "0"], log[-3000:]
+    s0, s1 = (json.loads((hd / f"state{r}.json").read_text()) for r in (0, 1))
+    assert s0["step"] == s1["step"] == 3
+    assert s0["nonfinite_total"] == s1["nonfinite_total"] == 1
+    a, b = load_file(str(hd / "rank0.safetensors")), load_file(str(hd / "rank1.safetensors"))
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
+    assert "non-finite loss or gradient on some process; step skipped" in log
