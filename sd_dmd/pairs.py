@@ -430,8 +430,8 @@ def store_report(out: Path, num_pairs: int, shard_size: int) -> str:
                if not shard_is_complete(shard_path(out, k), min(shard_size, num_pairs - k * shard_size))]
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if missing:
-        return (f"store INCOMPLETE: {len(missing)} of {n_shards} shards missing (first: {shard_path(out, missing[0])}); "
-                f"re-run the same command to finish it")
+        return (f"store INCOMPLETE: {len(missing)} of {n_shards} shards missing (first: "
+                f"{shard_path(out, missing[0])}); re-run the same command to finish it")
     return f"store complete: {num_pairs} pairs, {size} bytes ({size / 2**20:.1f} MiB) in {out.resolve()}"
 
 

@@ -73,7 +73,8 @@ def test_resume_with_another_lora_or_timestep_is_refused_then_overwrite_starts_o
     capsys.readouterr()
     assert_one_line_error(ev.main, argv + ["--lora", new, "--conditioning_timestep", "900"], capsys,
                           f"made with other settings (lora_sha256 {manifest['lora_sha256'][:12]} -> ")
-    assert_one_line_error(ev.main, argv + ["--lora", new, "--conditioning_timestep", "900"], capsys, "; conditioning_timestep 999 -> 900); pass --overwrite")
+    assert_one_line_error(ev.main, argv + ["--lora", new, "--conditioning_timestep", "900"], capsys,
+                          "; conditioning_timestep 999 -> 900); pass --overwrite")
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # --overwrite: the old images go, the new model's come
     ev.main(argv + ["--lora", new, "--overwrite"])

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import assert_one_line_error
 
 import generate_pairs
@@ -61,9 +60,9 @@ def test_changed_prompt_list_is_named(tiny_pipe_dir, tmp_path, capsys):
     out = tmp_path / "pairs"
     generate_pairs.main(_args(_write(tmp_path / "p.txt", PROMPTS), tiny_pipe_dir, out, num_pairs=4))
     edited = PROMPTS[:2] + ["a green sphere"] + PROMPTS[3:]
-    assert_one_line_error(generate_pairs.main, _args(_write(tmp_path / "q.txt", edited), tiny_pipe_dir, out,
-                                                     num_pairs=4), capsys,
-                          "other prompts (6 prompts, first difference at prompt 2: 'a blue sphere' -> 'a green sphere')")
+    argv = _args(_write(tmp_path / "q.txt", edited), tiny_pipe_dir, out, num_pairs=4)
+    assert_one_line_error(generate_pairs.main, argv, capsys,
+                          "(6 prompts, first difference at prompt 2: 'a blue sphere' -> 'a green sphere')")
     assert_one_line_error(generate_pairs.main, _args(_write(tmp_path / "r.txt", PROMPTS + ["a fox"]), tiny_pipe_dir,
                                                      out, num_pairs=4), capsys,
                           "(prompt count 6 -> 7, first difference at prompt 6: (none) -> 'a fox')")
