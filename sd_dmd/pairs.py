@@ -375,18 +375,30 @@ def teacher_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int, g
 @contextmanager
 def quiet_truncation_warning(pipe):
     """Drop diffusers' per-call "The following part of your input was truncated ..." warning (it prints the whole
-    cut-off text, KBs of <|endoftext|> per long LAION caption); truncations are counted in the summary instead."""
+    cut-off text, KBs of <|endoftext|> per long LAION caption) and transformers' "Token indices sequence length is
+    longer ... will result in indexing errors" (false here: the pipeline truncates); truncations are counted in the
+    summary instead. Only these two messages, from these two loggers, while pairs are generated."""
 
     class _Drop(logging.Filter):
-        def filter(self, record):
-            return not str(record.msg).startswith("The following part of your input was truncated")
+        def __init__(self, prefix):
+            super().__init__()
+            self.prefix = prefix
 
-    logger, drop = logging.getLogger(type(pipe).__module__), _Drop()
-    logger.addFilter(drop)
+        def filter(self, record):
+            return not str(record.msg).startswith(self.prefix)
+
+    from transformers import PreTrainedTokenizerBase  # its module's logger warns about long sequences
+
+    drops = [(logging.getLogger(type(pipe).__module__), _Drop("The following part of your input was truncated")),
+             (logging.getLogger(PreTrainedTokenizerBase.__module__),
+              _Drop("Token indices sequence length is longer than the specified maximum"))]
+    for logger, drop in drops:
+        logger.addFilter(drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        for logger, drop in drops:
+            logger.removeFilter(drop)
 
 
 def count_truncated(tokenizer, prompts: list[str]) -> int:
