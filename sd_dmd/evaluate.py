@@ -265,6 +265,16 @@ def check_metric_inputs(cfg: EvalConfig) -> None:
                             f"{cfg.clip_model} ({', '.join(tags) or 'none'}); 'none' skips CLIP")
 
 
+def probe_fid(cfg: EvalConfig) -> None:
+    """Load the FID feature extractor now, so weights that cannot be had (offline) fail before any image is made."""
+    try:
+        make_fid(2048, cfg.fid_weights)
+    except Exception as e:  # torchmetrics / torch-fidelity raise URLError, RuntimeError, OSError...
+        raise EvalError(f"FID Inception weights could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); offline, pass --fid_weights FILE "
+                        "(torch-fidelity's pt_inception weights)") from None
+
+
 def weights_sha256(path: Path) -> str:
     """Content hash of a LoRA file: for .safetensors, its tensors (name, dtype, shape, bytes, by name) and its
     metadata with keys sorted, so a byte-different header order of the same weights hashes the same (diffusers'
@@ -366,6 +376,9 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False) -> dict:
     check_metric_inputs(cfg)
     state = partial_state()
     out = Path(cfg.out_dir)
+    if cfg.reference is not None:
+        with state.main_process_first():  # one download into the cache, then the others read it
+            probe_fid(cfg)
     captions = read_captions(cfg.prompts, cfg.num_prompts, cfg.seed)
     prepare_out_dir(out, eval_manifest(cfg, captions), captions, overwrite)
     generate(cfg, captions, out / "images")

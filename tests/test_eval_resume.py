@@ -94,3 +94,14 @@ def test_unknown_clip_tag_fails_before_generating(setup, capsys):
     argv = setup["argv"][:-1] + ["not_a_tag"]
     assert_one_line_error(ev.main, argv, capsys, "'not_a_tag' is neither a file nor a pretrained tag")
     assert not (setup["out"] / "images").exists()
+
+
+def test_fid_weights_unavailable_fails_before_generating(setup, monkeypatch, capsys):
+    import urllib.error
+
+    def offline(feature=2048, weights=None):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(ev, "make_fid", offline)
+    assert_one_line_error(ev.main, setup["argv"], capsys, "FID Inception weights could not be loaded (URLError")
+    assert not (setup["out"] / "images").exists()
