@@ -31,7 +31,7 @@ class LoraSource:
     """Where a LoRA's weights are and how they were found."""
 
     ref: str  # the weights file, or a hub id (loaded as diffusers resolves it)
-    form: str  # which layout ``--lora`` named, e.g. "checkpoint directory (its generator/)"
+    form: str  # which layout ``--lora`` named, e.g. "checkpoint directory: its generator/"
 
     @property
     def file(self) -> Optional[Path]:
@@ -67,8 +67,8 @@ def resolve_lora(path: str | Path) -> LoraSource:
             raise LoraPathError(f"{path}: not a .safetensors LoRA file")
         return LoraSource(str(p), "kohya-format file" if _is_kohya(p) else "diffusers-format file")
     if p.is_dir():
-        for sub, form in (("", "LoRA directory"), ("generator", "checkpoint directory (its generator/)"),
-                          ("final", "run directory (its final/)")):
+        for sub, form in (("", "LoRA directory"), ("generator", "checkpoint directory: its generator/"),
+                          ("final", "run directory: its final/")):
             if (p / sub / LORA_FILE).is_file():
                 return LoraSource(str(p / sub / LORA_FILE), form)
         ckpts = [c.name for _, c in list_checkpoints(p)]
