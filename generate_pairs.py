@@ -4,7 +4,9 @@
         --output_dir pairs/ [--num_pairs N] [--guidance_scale 3] [--scheduler pndm|ddim] ...
     accelerate launch generate_pairs.py ...   # every process takes disjoint shards
 
-Re-running the same command resumes; see sd_dmd/pairs.py for the store format.
+Re-running the same command resumes; a larger --num_pairs extends the store; --shuffle_prompts takes the prompts in
+a seeded order (kept on resume). The summary counts every process and ends with the store's size and path.
+See sd_dmd/pairs.py for the store format.
 """
 import sys
 

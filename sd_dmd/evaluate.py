@@ -6,6 +6,9 @@
 
 Protocol (DMD / GigaGAN): N captions drawn with a fixed seed from COCO-2014 val, one 512 px image each,
 downsampled to 256 with Lanczos and kept on disk (re-running resumes; ``accelerate launch`` splits the work).
+``out_dir/manifest.json`` records what makes the images (model, LoRA content hash, scheduler, steps, guidance, seed,
+resolutions, caption-list hash); resuming with other settings is refused naming each difference, ``--overwrite``
+starts over. At least one metric must be asked for (``--reference`` for FID, CLIP unless ``--clip_pretrained none``).
 FID uses torchmetrics' FrechetInceptionDistance (the standard FID Inception weights from torch-fidelity,
 identical to TF-FID's): a maintained implementation that runs on the GPU, takes a custom feature extractor for
 tests, and reads local weights offline (``--fid_weights``). The reference is a folder of images (centre-cropped,
@@ -16,8 +19,11 @@ Offline: point ``--fid_weights`` and ``--clip_pretrained`` at local files, or pr
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,9 +31,19 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from .config import field
+from .config import ConfigError, field
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
+MANIFEST = "manifest.json"
+FORMAT = "sd_dmd.eval/1"
+# what decides image i: an out_dir resumed with any of these changed would mix two models' images
+IDENTITY_KEYS = ("model", "lora_sha256", "scheduler", "steps", "guidance_scale", "conditioning_timestep", "seed",
+                 "resolution", "eval_resolution", "num_captions", "captions_sha256")
+_OPTIONAL_PATHS = ("lora", "reference", "fid_weights", "clip_pretrained")  # "none" on the command line -> None
+
+
+class EvalError(ConfigError):
+    """The evaluation cannot run as asked (an out_dir made by other settings, nothing to compute...)."""
 
 
 @dataclass
@@ -50,6 +66,18 @@ class EvalConfig:
     fid_weights: Optional[str] = field(None, "local FID Inception weights (torch-fidelity pt_inception) for offline use")
     clip_model: str = field("ViT-g-14", "open_clip architecture")
     clip_pretrained: Optional[str] = field("laion2b_s12b_b42k", "open_clip pretrained tag or local file; none skips CLIP")
+
+    def validate(self):
+        for k in _OPTIONAL_PATHS:
+            v = getattr(self, k)
+            if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
+                setattr(self, k, None)
+        for k in ("num_prompts", "batch_size", "steps", "resolution", "eval_resolution"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if self.reference is None and self.clip_pretrained is None:
+            raise EvalError("nothing to compute: no --reference for FID and CLIP skipped (--clip_pretrained none); "
+                            "give a reference, a CLIP model, or both")
 
 
 def read_captions(path: str, n: int, seed: int) -> list[str]:
@@ -92,7 +120,9 @@ def build_pipeline(cfg: EvalConfig, device):
         return one_step_pipeline(cfg.model, cfg.lora, cfg.scheduler, dtype, device, fuse=True)
     pipe = teacher_pipeline(cfg.model, cfg.scheduler, dtype, device)
     if cfg.lora:
-        pipe.load_lora_weights(cfg.lora)
+        from .sample import resolve_lora
+
+        resolve_lora(cfg.lora).load_into(pipe)
     return pipe
 
 
@@ -215,15 +245,142 @@ def load_clip(name: str, pretrained: Optional[str], device="cpu"):
     return model.eval(), size, open_clip.get_tokenizer(name)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def check_metric_inputs(cfg: EvalConfig) -> None:
+    """Fail before generating anything on inputs the metrics would only reject after it."""
+    if cfg.reference is not None:
+        p = Path(cfg.reference)
+        if not (p.is_dir() or (p.is_file() and p.suffix in (".npz", ".safetensors"))):
+            raise FileNotFoundError(f"{cfg.reference}: not an image folder, .npz or .safetensors statistics file")
+    if cfg.fid_weights is not None and not Path(cfg.fid_weights).is_file():
+        raise FileNotFoundError(f"{cfg.fid_weights}: no such FID weights file")
+    if cfg.clip_pretrained is not None and not Path(cfg.clip_pretrained).is_file() \
+            and not cfg.clip_model.startswith("hf-hub:"):
+        import open_clip
+
+        if cfg.clip_model not in open_clip.list_models():
+            raise EvalError(f"clip_model: unknown open_clip architecture '{cfg.clip_model}'")
+        tags = open_clip.list_pretrained_tags_by_model(cfg.clip_model)
+        if cfg.clip_pretrained not in tags:
+            raise EvalError(f"clip_pretrained: '{cfg.clip_pretrained}' is neither a file nor a pretrained tag of "
+                            f"{cfg.clip_model} ({', '.join(tags) or 'none'}); 'none' skips CLIP")
+
+
+def probe_fid(cfg: EvalConfig) -> None:
+    """Load the FID feature extractor now, so weights that cannot be had (offline) fail before any image is made."""
+    try:
+        make_fid(2048, cfg.fid_weights)
+    except Exception as e:  # torchmetrics / torch-fidelity raise URLError, RuntimeError, OSError...
+        raise EvalError(f"FID Inception weights could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); offline, pass --fid_weights FILE "
+                        "(torch-fidelity's pt_inception weights)") from None
+
+
+def weights_sha256(path: Path) -> str:
+    """Content hash of a LoRA file: for .safetensors, its tensors (name, dtype, shape, bytes, by name) and its
+    metadata with keys sorted, so a byte-different header order of the same weights hashes the same (diffusers'
+    save_lora_weights writes the metadata keys in varying order); other files, their bytes."""
+    raw = Path(path).read_bytes()
+    if Path(path).suffix != ".safetensors":
+        return hashlib.sha256(raw).hexdigest()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None) or {}
+    h = hashlib.sha256()
+    for name in sorted(header):
+        info = header[name]
+        a, b = info["data_offsets"]
+        h.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
+        h.update(raw[8 + n + a:8 + n + b])
+
+    def canonical(v):
+        try:
+            return json.loads(v)
+        except (TypeError, ValueError):
+            return v
+
+    h.update(json.dumps({k: canonical(v) for k, v in meta.items()}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def eval_manifest(cfg: EvalConfig, captions: list[str]) -> dict:
+    """What makes the images of ``cfg`` (IDENTITY_KEYS), plus informational fields."""
+    lora_sha = None
+    if cfg.lora is not None:
+        from .sample import resolve_lora
+
+        src = resolve_lora(cfg.lora)
+        lora_sha = weights_sha256(src.file) if src.file else f"hub:{src.ref}"
+    return {"format": FORMAT, "model": cfg.model, "lora": cfg.lora, "lora_sha256": lora_sha,
+            "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+            "conditioning_timestep": cfg.conditioning_timestep, "seed": cfg.seed, "resolution": cfg.resolution,
+            "eval_resolution": cfg.eval_resolution, "num_captions": len(captions),
+            "captions_sha256": hashlib.sha256(json.dumps(captions).encode()).hexdigest(), "prompts": cfg.prompts,
+            "dtype": cfg.dtype}
+
+
+def _show(key: str, v) -> str:
+    return v[:12] if key.endswith("sha256") and isinstance(v, str) else repr(v)
+
+
+def check_resume(out: Path, manifest: dict) -> None:
+    """Refuse an out_dir whose images were made by other settings, naming each differing field."""
+    images = [p for p in (out / "images").glob("*.png") if ".tmp" not in p.name] if (out / "images").is_dir() else []
+    if not images:
+        return
+    if not (out / MANIFEST).is_file():
+        raise EvalError(f"{out}: holds {len(images)} images but no {MANIFEST} saying what made them; pass "
+                        "--overwrite to start over or use another --out_dir")
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{out / MANIFEST}: corrupt ({e.msg}); pass --overwrite to start over") from None
+    diffs = [f"{k} {_show(k, old.get(k))} -> {_show(k, manifest[k])}" for k in IDENTITY_KEYS
+             if old.get(k) != manifest[k]]
+    if diffs:
+        raise EvalError(f"{out}: its {len(images)} images were made with other settings ({'; '.join(diffs)}); "
+                        "pass --overwrite to start over or use another --out_dir")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out: Path, manifest: dict, captions: list[str], overwrite: bool) -> None:
+    """Check (or with ``overwrite`` clear) what ``out`` holds, then record ``manifest`` before any image."""
     from .dist import partial_state
 
     state = partial_state()
-    out = Path(cfg.out_dir)
-    captions = read_captions(cfg.prompts, cfg.num_prompts, cfg.seed)
+    if not overwrite:
+        check_resume(out, manifest)  # every process: all of them raise, none waits on a barrier alone
+    state.wait_for_everyone()
     if state.is_main_process:
+        if overwrite:
+            shutil.rmtree(out / "images", ignore_errors=True)
+            for name in (MANIFEST, "metrics.json", "captions.json"):
+                (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "captions.json").write_text(json.dumps(captions))
+        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+        _atomic_write_text(out / "captions.json", json.dumps(captions))
+    state.wait_for_everyone()
+
+
+def evaluate(cfg: EvalConfig, overwrite: bool = False) -> dict:
+    """Generate (or resume) the images of ``cfg`` in ``cfg.out_dir`` and compute FID / CLIP score.
+
+    ``overwrite`` removes images made by other settings instead of refusing them."""
+    from .dist import partial_state
+
+    cfg.validate()
+    check_metric_inputs(cfg)
+    state = partial_state()
+    out = Path(cfg.out_dir)
+    if cfg.reference is not None:
+        with state.main_process_first():  # one download into the cache, then the others read it
+            probe_fid(cfg)
+    captions = read_captions(cfg.prompts, cfg.num_prompts, cfg.seed)
+    prepare_out_dir(out, eval_manifest(cfg, captions), captions, overwrite)
     generate(cfg, captions, out / "images")
     if not state.is_main_process:
         return {}
@@ -236,7 +393,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         model, size, tok = load_clip(cfg.clip_model, cfg.clip_pretrained, state.device)
         metrics["clip_score"] = clip_score(gen, captions[:len(gen)], model, size, tok)
         metrics["clip_model"] = f"{cfg.clip_model}/{cfg.clip_pretrained}"
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -244,9 +401,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 def main(argv=None):
     from .cli import guarded, run_cli
 
-    cfg, flags = run_cli(EvalConfig, argv, __doc__)
+    cfg, flags = run_cli(EvalConfig, argv, __doc__, extra_flags=("overwrite",))
     if not flags["dry_run"]:
-        guarded(evaluate, cfg)
+        guarded(evaluate, cfg, overwrite=flags["overwrite"])
 
 
 if __name__ == "__main__":

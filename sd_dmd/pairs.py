@@ -2,22 +2,27 @@
 
 Layout of ``output_dir``:
   manifest.json                  teacher, scheduler, steps, guidance, resolution, latent shape/dtype, seeds...
+  prompts.jsonl                  the prompt list (file order, one JSON string a line): a changed list is named
   shards/shard-00000.parquet     rows: index, prompt, seed, noise_sha1, latent (fp16 bytes, C order)
 
-Pair ``i`` uses prompt ``prompts[i % len(prompts)]`` and noise from its own CPU generator seeded by
+Pair ``i`` uses prompt ``prompts[i % len(prompts)]`` (in file order, or in the seeded order of
+:func:`prompt_order` with ``--shuffle_prompts``) and noise from its own CPU generator seeded by
 :func:`pair_seed` (base_seed, i), so it is re-derivable whatever the batch size, process count or resume
 point. Shard ``k`` holds indices [k * shard_size, (k + 1) * shard_size) and belongs to process
 ``k % world_size``; it is written to a temp file, fsynced and renamed, so readers never see a partial one.
+A larger ``--num_pairs`` extends a store (the manifest is updated first, then the missing shards are made).
 Readable without this package: ``datasets.load_dataset("parquet", data_files="DIR/shards/*.parquet")``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Literal
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,10 +32,14 @@ import torch
 
 FORMAT = "sd_dmd.pairs/1"
 MANIFEST = "manifest.json"
-# fields that must agree between a store and the run that extends or consumes it
+PROMPTS_FILE = "prompts.jsonl"
+# fields that must agree between a store and the run that extends or consumes it (num_pairs may grow; prompts
+# are compared on their own, naming what changed)
 IDENTITY_KEYS = ("format", "teacher_config_sha256", "scheduler", "num_inference_steps", "guidance_scale",
-                 "resolution", "latent_shape", "latent_dtype", "base_seed", "num_pairs", "shard_size",
-                 "prompts_sha256", "mixed_precision")
+                 "resolution", "latent_shape", "latent_dtype", "base_seed", "shard_size", "mixed_precision",
+                 "shuffle_prompts")
+DEFAULTS = {"shuffle_prompts": False}  # what a manifest written before the key existed meant
+SHUFFLE_STREAM = 1  # SeedSequence([base_seed, SHUFFLE_STREAM]) seeds the prompt order
 
 
 from .config import field
@@ -59,6 +68,8 @@ class PairsConfig:
     max_punsafe: Optional[float] = field(None, "keep rows with punsafe <= this")
     max_pwatermark: Optional[float] = field(None, "keep rows with pwatermark <= this")
     dedupe: bool = field(False, "drop duplicate captions")
+    shuffle_prompts: bool = field(False, "pair i takes the prompts in a seeded random order (recorded in the "
+                                         "manifest, so a resume keeps it) instead of file order")
 
     def validate(self):
         from .config import ConfigError
@@ -153,15 +164,51 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
-def check_same_store(existing: dict, wanted: dict, where: Path) -> None:
-    """Refuse to extend a store made with other settings, naming the first differing field."""
+def _short(text: str, n: int = 80) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def describe_prompt_change(old: Optional[list[str]], old_count: int, new: list[str]) -> str:
+    """'count 5 -> 6, first difference at prompt 2: 'a cat' -> 'a dog'' (without the old list: the count only)."""
+    parts = [f"prompt count {old_count} -> {len(new)}" if old_count != len(new) else f"{len(new)} prompts"]
+    if old is None:
+        return ", ".join(parts + [f"the store has no {PROMPTS_FILE} to compare with"])
+    i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    a = _short(old[i]) if i < len(old) else "(none)"
+    b = _short(new[i]) if i < len(new) else "(none)"
+    return ", ".join(parts + [f"first difference at prompt {i}: {a} -> {b}"])
+
+
+def read_store_prompts(out_dir: Path) -> Optional[list[str]]:
+    path = out_dir / PROMPTS_FILE
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_same_store(existing: dict, wanted: dict, where: Path, prompts: Optional[list[str]] = None) -> bool:
+    """Refuse to extend a store made with other settings, naming what differs; return whether ``wanted`` extends
+    it (more pairs). A smaller ``num_pairs`` is refused: a store does not shrink."""
     if not same_teacher(existing, wanted):
         raise PairsError(f"{where}: holds pairs from a different teacher ({existing.get('teacher')}); "
                          "use another --output_dir")
-    for k in IDENTITY_KEYS:
-        if existing.get(k) != wanted.get(k):
-            raise PairsError(f"{where}: holds a store with {k}={existing.get(k)!r}, this run has {wanted.get(k)!r}; "
-                             "use another --output_dir or the same settings")
+    diffs = [f"{k} {existing.get(k, DEFAULTS.get(k))!r} -> {wanted.get(k)!r}" for k in IDENTITY_KEYS
+             if existing.get(k, DEFAULTS.get(k)) != wanted.get(k)]
+    if diffs:
+        raise PairsError(f"{where}: holds a store made with other settings ({'; '.join(diffs)}); "
+                         "use another --output_dir or the same settings")
+    if existing.get("prompts_sha256") != wanted["prompts_sha256"]:
+        change = describe_prompt_change(read_store_prompts(where), existing.get("prompt_count", -1),
+                                        prompts if prompts is not None else [])
+        if existing.get("filters") != wanted.get("filters"):
+            change += f"; filters {existing.get('filters')} -> {wanted.get('filters')}"
+        raise PairsError(f"{where}: was made from other prompts ({change}); use the same prompt files and filters, "
+                         "or another --output_dir")
+    old_n, new_n = existing["num_pairs"], wanted["num_pairs"]
+    if new_n < old_n:
+        raise PairsError(f"{where}: holds a store of {old_n} pairs, --num_pairs asks for {new_n}; a store does not "
+                         f"shrink: pass --num_pairs {old_n} (or more, to extend it), or use another --output_dir")
+    return new_n > old_n
 
 
 def write_shard(path: Path, rows: dict) -> None:
@@ -278,14 +325,23 @@ def manifest_for(cfg, identity: dict, prompts: list[str], prompt_files: list[str
         "shard_size": cfg.shard_size,
         "prompt_source": prompt_files,
         "prompt_count": len(prompts),
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),  # file order
+        "shuffle_prompts": cfg.shuffle_prompts,
         "caption_column": cfg.caption_column,
         "filters": {"min_aesthetic": cfg.min_aesthetic, "max_punsafe": cfg.max_punsafe,
                     "max_pwatermark": cfg.max_pwatermark, "dedupe": cfg.dedupe},
         "seed_derivation": "numpy.random.SeedSequence([base_seed, index]).generate_state(1, uint64)[0] & (2**63-1)",
         "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(seed))",
-        "prompt_of_pair": "prompts[index % prompt_count]",
+        "prompt_of_pair": ("prompts[order[index % prompt_count]], order = numpy.random.RandomState(numpy.random."
+                           f"SeedSequence([base_seed, {SHUFFLE_STREAM}]).generate_state(4)).permutation(prompt_count)"
+                           if cfg.shuffle_prompts else "prompts[index % prompt_count]"),
     }
+
+
+def prompt_order(base_seed: int, n: int) -> np.ndarray:
+    """The seeded prompt order of ``--shuffle_prompts`` (RandomState: its stream is frozen across numpy versions)."""
+    state = np.random.SeedSequence([base_seed, SHUFFLE_STREAM]).generate_state(4)
+    return np.random.RandomState(state).permutation(n)
 
 
 def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revision=None, variant=None):
@@ -316,8 +372,84 @@ def teacher_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int, g
                 guidance_scale=guidance, height=resolution, width=resolution, output_type="latent").images
 
 
+@contextmanager
+def quiet_truncation_warning(pipe):
+    """Drop diffusers' per-call "The following part of your input was truncated ..." warning (it prints the whole
+    cut-off text, KBs of <|endoftext|> per long LAION caption) and transformers' "Token indices sequence length is
+    longer ... will result in indexing errors" (false here: the pipeline truncates); truncations are counted in the
+    summary instead. Only these two messages, from these two loggers, while pairs are generated."""
+
+    class _Drop(logging.Filter):
+        def __init__(self, prefix):
+            super().__init__()
+            self.prefix = prefix
+
+        def filter(self, record):
+            return not str(record.msg).startswith(self.prefix)
+
+    from transformers import PreTrainedTokenizerBase  # its module's logger warns about long sequences
+
+    drops = [(logging.getLogger(type(pipe).__module__), _Drop("The following part of your input was truncated")),
+             (logging.getLogger(PreTrainedTokenizerBase.__module__),
+              _Drop("Token indices sequence length is longer than the specified maximum"))]
+    for logger, drop in drops:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in drops:
+            logger.removeFilter(drop)
+
+
+def count_truncated(tokenizer, prompts: list[str]) -> int:
+    """Prompts longer than the text encoder's context (77 tokens with BOS/EOS), which SD truncates."""
+    n = tokenizer.model_max_length
+    return sum(len(ids) > n for ids in tokenizer(prompts, truncation=True, max_length=n + 1).input_ids)
+
+
+def gather_stats(stats: PairsStats) -> PairsStats:
+    """The counts of every process summed (seconds: the slowest process)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([asdict(stats)])
+    return PairsStats(written=sum(p["written"] for p in parts), already_done=sum(p["already_done"] for p in parts),
+                      seconds=max(p["seconds"] for p in parts),
+                      over_77_tokens=sum(p["over_77_tokens"] for p in parts))
+
+
+def open_store(out: Path, manifest: dict, prompts: list[str], state, log) -> dict:
+    """Create the store, or check it matches (and extend it to a larger ``num_pairs``); return its manifest."""
+    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    extend = existing is not None and check_same_store(existing, manifest, out, prompts)  # every process raises
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        if not (out / PROMPTS_FILE).exists() or existing is None:  # (a store made before prompts.jsonl gets one)
+            _atomic_write_bytes(out / PROMPTS_FILE, "".join(json.dumps(p) + "\n" for p in prompts).encode())
+        if existing is None:
+            write_manifest(out, manifest)
+        elif extend:
+            log(f"extending the store from {existing['num_pairs']} to {manifest['num_pairs']} pairs")
+            write_manifest(out, {**existing, "num_pairs": manifest["num_pairs"]})
+    state.wait_for_everyone()
+    return manifest if existing is None else {**existing, "num_pairs": manifest["num_pairs"]}
+
+
+def store_report(out: Path, num_pairs: int, shard_size: int) -> str:
+    """'store complete: N pairs, B bytes in DIR' (or which shards are missing)."""
+    n_shards = math.ceil(num_pairs / shard_size)
+    missing = [k for k in range(n_shards)
+               if not shard_is_complete(shard_path(out, k), min(shard_size, num_pairs - k * shard_size))]
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if missing:
+        return (f"store INCOMPLETE: {len(missing)} of {n_shards} shards missing (first: "
+                f"{shard_path(out, missing[0])}); re-run the same command to finish it")
+    return f"store complete: {num_pairs} pairs, {size} bytes ({size / 2**20:.1f} MiB) in {out.resolve()}"
+
+
 def generate_pairs(cfg, log=print) -> PairsStats:
-    """Create or complete the store described by ``cfg`` (see ``generate_pairs.py``)."""
+    """Create, complete or extend the store described by ``cfg`` (see ``generate_pairs.py``); returns the counts
+    of all processes."""
     from .dist import partial_state
     from tqdm.auto import tqdm
 
@@ -337,15 +469,9 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     if cfg.resolution % vae_factor:
         raise PairsError(f"resolution {cfg.resolution} is not a multiple of the VAE factor {vae_factor}")
     latent_shape = (pipe.unet.config.in_channels, cfg.resolution // vae_factor, cfg.resolution // vae_factor)
-    manifest = manifest_for(cfg, teacher_identity(pipe.unet), prompts, prompt_files, latent_shape)
-    if (out / MANIFEST).exists():
-        check_same_store(read_manifest(out), manifest, out)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        if not (out / MANIFEST).exists():
-            write_manifest(out, manifest)
-    state.wait_for_everyone()
+    manifest = open_store(out, manifest_for(cfg, teacher_identity(pipe.unet), prompts, prompt_files, latent_shape),
+                          prompts, state, log)
+    ordered = [prompts[j] for j in prompt_order(cfg.seed, len(prompts))] if cfg.shuffle_prompts else prompts
 
     num_pairs, shard_size = manifest["num_pairs"], cfg.shard_size
     n_shards = math.ceil(num_pairs / shard_size)
@@ -359,39 +485,48 @@ def generate_pairs(cfg, log=print) -> PairsStats:
             stats.already_done += rows
         else:
             todo.append((k, rows))
+    done_before = gather_stats(stats).already_done
     if state.is_main_process:
         log(f"{pstats.summary()}\n{num_pairs} pairs in {n_shards} shards over {state.num_processes} process(es); "
-            f"{stats.already_done} already done here")
+            f"{done_before} already done")
     t0 = time.time()
     bar = tqdm(total=sum(r for _, r in todo), unit="pair", disable=not state.is_main_process, dynamic_ncols=True,
                desc=f"pairs (rank {state.process_index})")
-    for k, rows in todo:
-        idx = list(range(k * shard_size, k * shard_size + rows))
-        shard = {"index": [], "prompt": [], "seed": [], "noise_sha1": [], "latent": []}
-        for b in range(0, rows, cfg.batch_size):
-            bidx = idx[b:b + cfg.batch_size]
-            bprompts = [prompts[i % len(prompts)] for i in bidx]
-            seeds = [pair_seed(cfg.seed, i) for i in bidx]
-            noise = torch.stack([pair_noise(s, latent_shape) for s in seeds])
-            lat = teacher_latents(pipe, bprompts, noise, cfg.num_inference_steps, cfg.guidance_scale, cfg.resolution)
-            lat16 = lat.detach().to("cpu", torch.float16).numpy()
-            lengths = pipe.tokenizer(bprompts, truncation=False).input_ids
-            stats.over_77_tokens += sum(len(x) > pipe.tokenizer.model_max_length for x in lengths)
-            shard["index"] += bidx
-            shard["prompt"] += bprompts
-            shard["seed"] += seeds
-            shard["noise_sha1"] += [noise_digest(z) for z in noise]
-            shard["latent"] += [a.tobytes() for a in lat16]
-            bar.update(len(bidx))
-        write_shard(shard_path(out, k), shard)
-        stats.written += rows
+    with quiet_truncation_warning(pipe):
+        for k, rows in todo:
+            write_shard(shard_path(out, k), make_shard(pipe, cfg, ordered, range(k * shard_size, k * shard_size + rows),
+                                                       latent_shape, stats, bar))
+            stats.written += rows
     bar.close()
     stats.seconds = time.time() - t0
-    state.wait_for_everyone()
+    total = gather_stats(stats)
     if state.is_main_process:
-        rate = stats.written / stats.seconds if stats.seconds else 0.0
-        log(f"done: {stats.written} pairs written by rank 0 ({rate:.2f} pairs/s), {stats.already_done} were already "
-            f"there; {pstats.summary()}; prompts over 77 tokens (truncated as SD does): {stats.over_77_tokens}; "
-            f"{stats.seconds:.1f}s")
-    return stats
+        rate = total.written / total.seconds if total.seconds else 0.0
+        log(f"done: {total.written} pairs written by {state.num_processes} process(es) ({rate:.2f} pairs/s), "
+            f"{total.already_done} were already there; {pstats.summary()}; prompts over 77 tokens (truncated as SD "
+            f"does): {total.over_77_tokens}; {total.seconds:.1f}s")
+        log(store_report(out, num_pairs, shard_size))
+    state.wait_for_everyone()
+    return total
 
+
+def make_shard(pipe, cfg, prompts: list[str], indices: range, latent_shape, stats: PairsStats, bar=None) -> dict:
+    """The rows of pairs ``indices``: teacher latents from each pair's own noise, in batches of cfg.batch_size."""
+    shard = {"index": [], "prompt": [], "seed": [], "noise_sha1": [], "latent": []}
+    idx = list(indices)
+    for b in range(0, len(idx), cfg.batch_size):
+        bidx = idx[b:b + cfg.batch_size]
+        bprompts = [prompts[i % len(prompts)] for i in bidx]
+        seeds = [pair_seed(cfg.seed, i) for i in bidx]
+        noise = torch.stack([pair_noise(s, latent_shape) for s in seeds])
+        lat = teacher_latents(pipe, bprompts, noise, cfg.num_inference_steps, cfg.guidance_scale, cfg.resolution)
+        lat16 = lat.detach().to("cpu", torch.float16).numpy()
+        stats.over_77_tokens += count_truncated(pipe.tokenizer, bprompts)
+        shard["index"] += bidx
+        shard["prompt"] += bprompts
+        shard["seed"] += seeds
+        shard["noise_sha1"] += [noise_digest(z) for z in noise]
+        shard["latent"] += [a.tobytes() for a in lat16]
+        if bar is not None:
+            bar.update(len(bidx))
+    return shard

@@ -1,13 +1,18 @@
 """Caption reading for pair generation and training: parquet (LAION-Aesthetics), .txt and .jsonl.
 
 Missing/empty/NaN/non-string captions are skipped and counted; a missing column, an unreadable file or
-no usable caption at all is a :class:`PromptError` naming the file.
+no usable caption at all is a :class:`PromptError` naming the file. As LAION's tooling does, HTML entities
+are unescaped (``html.unescape``) and captions that are empty once zero-width characters are removed are
+skipped. A filter (``min_aesthetic``...) whose column a file lacks is an error naming the columns present;
+filter columns are matched case-insensitively over the spellings LAION releases use (:data:`FILTER_COLUMNS`).
 """
 from __future__ import annotations
 
 import glob
+import html
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +20,12 @@ from typing import Optional, Sequence
 
 CAPTION_COLUMNS = ("TEXT", "caption", "text", "prompt")
 SUFFIXES = (".parquet", ".txt", ".jsonl")
+# filter -> accepted column spellings, lower case, preferred first (LAION-Aesthetics: AESTHETIC_SCORE,
+# laion2B-en-aesthetic: aesthetic; LAION-5B metadata: punsafe/pwatermark, some re-releases pUnsafe/pWatermark)
+FILTER_COLUMNS = {"min_aesthetic": ("aesthetic_score", "aesthetic"), "max_punsafe": ("punsafe",),
+                  "max_pwatermark": ("pwatermark",)}
+ZERO_WIDTH = "\u200b\u200c\u200d\ufeff\u2060"  # ZW space, ZW non-joiner, ZW joiner, BOM, word joiner
+_EDGES = re.compile(f"^[\\s{ZERO_WIDTH}]+|[\\s{ZERO_WIDTH}]+$")
 
 
 class PromptError(ValueError):
@@ -23,7 +34,7 @@ class PromptError(ValueError):
 
 @dataclass
 class PromptFilter:
-    min_aesthetic: Optional[float] = None  # keep rows with AESTHETIC_SCORE/aesthetic >= this
+    min_aesthetic: Optional[float] = None  # keep rows with aesthetic score >= this (FILTER_COLUMNS spellings)
     max_punsafe: Optional[float] = None  # keep rows with punsafe <= this
     max_pwatermark: Optional[float] = None  # keep rows with pwatermark <= this
     dedupe: bool = False  # drop exact duplicate captions (first kept)
@@ -80,9 +91,29 @@ def _pick_column(path: Path, columns: Sequence[str], caption_column: Optional[st
                       "pass --caption_column")
 
 
-def _read_table(path: Path, caption_column: Optional[str]) -> tuple[list, dict]:
-    """Return (captions, numeric filter columns) for one file."""
+def _filter_columns(path: Path, columns: Sequence[str], filters: PromptFilter) -> dict[str, str]:
+    """The file's column of each active filter (case-insensitive over :data:`FILTER_COLUMNS`); a filter
+    whose column is absent is an error, not a filter silently off."""
+    by_lower: dict[str, str] = {}
+    for c in columns:
+        by_lower.setdefault(str(c).lower(), c)
+    out = {}
+    for name, spellings in FILTER_COLUMNS.items():
+        if getattr(filters, name) is None:
+            continue
+        col = next((by_lower[s] for s in spellings if s in by_lower), None)
+        if col is None:
+            present = list(columns) if columns else "none (a .txt file holds captions only)"
+            raise PromptError(f"{path}: {name} needs a column named {' or '.join(spellings)} (any case); "
+                              f"columns present: {present}")
+        out[name] = col
+    return out
+
+
+def _read_table(path: Path, caption_column: Optional[str], filters: PromptFilter) -> tuple[list, dict]:
+    """Return (captions, {filter name: values of its column}) for one file."""
     if path.suffix == ".txt":
+        _filter_columns(path, [], filters)
         try:
             return path.read_text(encoding="utf-8").splitlines(), {}
         except UnicodeDecodeError as e:
@@ -101,26 +132,36 @@ def _read_table(path: Path, caption_column: Optional[str]) -> tuple[list, dict]:
                     raise PromptError(f"{path}: line {i} is not a JSON object")
         columns = list(dict.fromkeys(k for r in rows for k in r))
         col = _pick_column(path, columns, caption_column)
-        extra = {k: [r.get(k) for r in rows] for k in ("AESTHETIC_SCORE", "aesthetic", "punsafe", "pwatermark")
-                 if k in columns}
-        return [r.get(col) for r in rows], extra
+        wanted = _filter_columns(path, columns, filters)
+        return [r.get(col) for r in rows], {name: [r.get(c) for r in rows] for name, c in wanted.items()}
     import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
         col = _pick_column(path, schema.names, caption_column)
-        wanted = [col] + [k for k in ("AESTHETIC_SCORE", "aesthetic", "punsafe", "pwatermark") if k in schema.names]
-        table = pq.read_table(path, columns=wanted)
+        wanted = _filter_columns(path, schema.names, filters)
+        table = pq.read_table(path, columns=list(dict.fromkeys([col, *wanted.values()])))
     except PromptError:
         raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise PromptError(f"{path}: unreadable parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return table.column(col).to_pylist(), {k: table.column(k).to_pylist() for k in wanted[1:]}
+    return table.column(col).to_pylist(), {name: table.column(c).to_pylist() for name, c in wanted.items()}
 
 
 def _bad_number(v) -> bool:
     """A filter value that is missing, NaN or not a number fails the filter (the row is skipped)."""
     return isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)
+
+
+# filter -> (does value v pass limit, reason counted when it does not)
+_FILTER_TESTS = {"min_aesthetic": (lambda v, lim: v >= lim, "aesthetic below minimum"),
+                 "max_punsafe": (lambda v, lim: v <= lim, "punsafe above maximum"),
+                 "max_pwatermark": (lambda v, lim: v <= lim, "pwatermark above maximum")}
+
+
+def clean_caption(c: str) -> str:
+    """HTML entities unescaped, whitespace and zero-width characters stripped from both ends."""
+    return _EDGES.sub("", html.unescape(c))
 
 
 def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = None,
@@ -130,8 +171,7 @@ def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = N
     out: list[str] = []
     seen: set[str] = set()
     for path in expand_sources(sources):
-        captions, extra = _read_table(path, caption_column)
-        aes = extra.get("AESTHETIC_SCORE", extra.get("aesthetic"))
+        captions, extra = _read_table(path, caption_column, filters)
         for i, c in enumerate(captions):
             stats.read += 1
             if c is None or (isinstance(c, float) and math.isnan(c)):
@@ -140,21 +180,17 @@ def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = N
             if not isinstance(c, str):
                 stats.skipped["not a string"] += 1
                 continue
-            c = c.strip()
-            if not c:
+            if not c.strip():
                 stats.skipped["empty"] += 1
                 continue
-            if filters.min_aesthetic is not None and aes is not None and (
-                    _bad_number(aes[i]) or aes[i] < filters.min_aesthetic):
-                stats.skipped["aesthetic below minimum"] += 1
+            c = clean_caption(c)
+            if not c:
+                stats.skipped["empty after removing zero-width characters / HTML entities"] += 1
                 continue
-            if filters.max_punsafe is not None and "punsafe" in extra and (
-                    _bad_number(extra["punsafe"][i]) or extra["punsafe"][i] > filters.max_punsafe):
-                stats.skipped["punsafe above maximum"] += 1
-                continue
-            if filters.max_pwatermark is not None and "pwatermark" in extra and (
-                    _bad_number(extra["pwatermark"][i]) or extra["pwatermark"][i] > filters.max_pwatermark):
-                stats.skipped["pwatermark above maximum"] += 1
+            failed = next((reason for name, (ok, reason) in _FILTER_TESTS.items() if name in extra and (
+                _bad_number(extra[name][i]) or not ok(extra[name][i], getattr(filters, name)))), None)
+            if failed:
+                stats.skipped[failed] += 1
                 continue
             if filters.dedupe:
                 if c in seen:

@@ -1,7 +1,11 @@
 """One-step sampling with a plain diffusers pipeline and the distilled LoRA.
 
-    python -m sd_dmd.sample --model PATH_OR_ID --lora DIR --prompt "..." [--seed N] [--num_images K] --out FILE.png
+    python -m sd_dmd.sample --model PATH_OR_ID --lora LORA --prompt "..." [--seed N] [--num_images K] \
+        [--height H --width W] --out FILE.png
 
+``--lora`` takes any of the layouts training writes (:func:`resolve_lora`): the run directory (its ``final/``),
+``final/`` itself, a ``checkpoint-N/`` directory (its ``generator/``), or a ``.safetensors`` file such as
+``final/lora_kohya.safetensors`` (kohya keys, which diffusers' ``load_lora_weights`` converts).
 LCMScheduler with ``timesteps=[999]`` (or DDIM with trailing spacing) and ``guidance_scale=0`` give
 exactly x = G(z); default DDIM/Euler spacing would run the UNet at t=1 (DESIGN.md, "Inference").
 """
@@ -9,15 +13,77 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as save_lora_weights writes it
 
-def one_step_pipeline(model: str, lora: str | None = None, scheduler: str = "lcm", dtype=torch.float32,
+
+class LoraPathError(FileNotFoundError):
+    """``--lora`` names no LoRA layout this package writes; the message says what was found there."""
+
+
+@dataclass
+class LoraSource:
+    """Where a LoRA's weights are and how they were found."""
+
+    ref: str  # the weights file, or a hub id (loaded as diffusers resolves it)
+    form: str  # which layout ``--lora`` named, e.g. "checkpoint directory: its generator/"
+
+    @property
+    def file(self) -> Optional[Path]:
+        p = Path(self.ref)
+        return p if p.is_file() else None
+
+    def load_into(self, pipe) -> None:
+        """``pipe.load_lora_weights`` with the adapter metadata (rank, alpha) saved with the weights."""
+        if self.file is None:
+            pipe.load_lora_weights(self.ref)
+        else:
+            pipe.load_lora_weights(str(self.file.parent), weight_name=self.file.name)
+
+    def __str__(self) -> str:
+        return f"{self.ref} ({self.form})"
+
+
+def _is_kohya(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("lora_unet_") for k in f.keys())
+
+
+def resolve_lora(path: str | Path) -> LoraSource:
+    """The weights file behind ``path``: a run directory (``final/``), a ``final/`` (or any diffusers LoRA)
+    directory, a ``checkpoint-N/`` directory (``generator/``), a ``.safetensors`` file, or a hub id."""
+    from .checkpoint import list_checkpoints
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise LoraPathError(f"{path}: not a .safetensors LoRA file")
+        return LoraSource(str(p), "kohya-format file" if _is_kohya(p) else "diffusers-format file")
+    if p.is_dir():
+        for sub, form in (("", "LoRA directory"), ("generator", "checkpoint directory: its generator/"),
+                          ("final", "run directory: its final/")):
+            if (p / sub / LORA_FILE).is_file():
+                return LoraSource(str(p / sub / LORA_FILE), form)
+        ckpts = [c.name for _, c in list_checkpoints(p)]
+        hint = (f"; the run has no final/ yet, pass one of its checkpoints: {', '.join(ckpts)}" if ckpts else
+                "; expected a run directory, its final/, a checkpoint-N/ or a .safetensors file")
+        raise LoraPathError(f"{path}: no {LORA_FILE} here, in generator/ or in final/{hint}")
+    if str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise LoraPathError(f"{path}: no such LoRA file or directory")
+    return LoraSource(str(path), "hub id")
+
+
+def one_step_pipeline(model: str, lora: str | LoraSource | None = None, scheduler: str = "lcm", dtype=torch.float32,
                       device: str = "cpu", revision: str | None = None, variant: str | None = None,
                       fuse: bool = False, channels_last: bool = False):
-    """A ``StableDiffusionPipeline`` set up for one-step sampling with the LoRA loaded.
+    """A ``StableDiffusionPipeline`` set up for one-step sampling with the LoRA loaded (any :func:`resolve_lora` form).
 
     ``fuse`` merges the LoRA into the UNet weights (no LoRA branches at run time) and ``channels_last`` changes the
     UNet/VAE memory format: the two speed-ups that ``benchmarks/latency.py`` measured and kept (docs/BENCHMARKS.md).
@@ -27,7 +93,7 @@ def one_step_pipeline(model: str, lora: str | None = None, scheduler: str = "lcm
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, revision=revision, variant=variant,
                                                    safety_checker=None, requires_safety_checker=False)
     if lora is not None:
-        pipe.load_lora_weights(lora)
+        (lora if isinstance(lora, LoraSource) else resolve_lora(lora)).load_into(pipe)
     if scheduler == "lcm":
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "ddim_trailing":
@@ -104,25 +170,35 @@ def image_grid(images, cols: int | None = None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="One-step text-to-image with a distilled DMD LoRA.")
     p.add_argument("--model", required=True, help="diffusers SD pipeline path or hub id (the teacher)")
-    p.add_argument("--lora", default=None, help="directory with pytorch_lora_weights.safetensors")
+    p.add_argument("--lora", default=None, help="run directory (uses final/), final/, checkpoint-N/ (uses "
+                   "generator/) or a LoRA .safetensors file (diffusers or kohya keys)")
     p.add_argument("--prompt", required=True, action="append", help="prompt (repeat for several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512 for SD1.5)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--scheduler", default="lcm", choices=["lcm", "ddim_trailing"])
     p.add_argument("--conditioning_timestep", type=int, default=999)
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--fast", action="store_true", help="fuse the LoRA into the UNet and use channels_last")
     p.add_argument("--out", required=True, type=Path, help="output PNG (a grid when several images)")
     args = p.parse_args(argv)
+    for side in ("height", "width"):
+        v = getattr(args, side)
+        if v is not None and (v <= 0 or v % 8):
+            p.error(f"--{side}: must be a positive multiple of 8, got {v}")
+    from .cli import guarded
     from .model import DTYPES
 
+    lora = guarded(resolve_lora, args.lora) if args.lora is not None else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = one_step_pipeline(args.model, args.lora, args.scheduler, DTYPES[args.dtype], device, fuse=args.fast,
+    pipe = one_step_pipeline(args.model, lora, args.scheduler, DTYPES[args.dtype], device, fuse=args.fast,
                              channels_last=args.fast)
+    print(f"loaded LoRA {lora}" if lora is not None else "no LoRA: sampling the base model in one step")
     images = []
     for i, prompt in enumerate(args.prompt):
         g = [torch.Generator("cpu").manual_seed(args.seed + i * args.num_images + k) for k in range(args.num_images)]
-        images += pipe([prompt] * args.num_images, generator=g,
+        images += pipe([prompt] * args.num_images, generator=g, height=args.height, width=args.width,
                        **one_step_call_kwargs(pipe, args.conditioning_timestep)).images
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (images[0] if len(images) == 1 else image_grid(images, cols=args.num_images)).save(args.out)

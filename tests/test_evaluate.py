@@ -81,11 +81,22 @@ def test_read_coco_captions(tmp_path):
     assert a[0].startswith("caption")
 
 
-def test_evaluate_generates_resumably(tiny_pipe_dir, tmp_path):
+def test_evaluate_generates_resumably(tiny_pipe_dir, tmp_path, monkeypatch):
+    import sd_dmd.evaluate as ev
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # an evaluation must compute something: FID against a tiny reference, with a tiny feature extractor
+    monkeypatch.setattr(ev, "make_fid", lambda feature=2048, weights=None: FrechetInceptionDistance(
+        feature=TinyFeatures(), reset_real_features=False))
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(_images(4)):
+        from PIL import Image
+
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / "ref" / f"{i}.png")
     (tmp_path / "p.txt").write_text("a red cube\na blue sphere\na cat\n")
     cfg = EvalConfig(model=tiny_pipe_dir, prompts=str(tmp_path / "p.txt"), num_prompts=5, resolution=16,
                      eval_resolution=16, batch_size=2, dtype="fp32", out_dir=str(tmp_path / "ev"),
-                     clip_pretrained=None)
+                     clip_pretrained=None, reference=str(tmp_path / "ref"))
     m = evaluate(cfg)
     files = sorted((tmp_path / "ev" / "images").glob("*.png"))
     assert m["num_images"] == 5 and len(files) == 5

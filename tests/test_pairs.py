@@ -213,11 +213,14 @@ def test_reader_formats_filters_dedupe(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"caption": "three"}\n{"caption": 5}\n{"caption": ""}\n')
     pq.write_table(pa.table({"text": ["four", "five", "six"], "punsafe": [0.0, 0.9, 0.1],
                              "aesthetic": [7.0, 7.0, 5.0]}), tmp_path / "c.parquet")
-    prompts, stats = read_prompts([str(tmp_path)], filters=PromptFilter(min_aesthetic=6.25, max_punsafe=0.5,
-                                                                         dedupe=True))
-    assert prompts == ["one", "two", "three", "four"]
-    assert stats.skipped == {"empty": 2, "duplicate": 1, "not a string": 1, "punsafe above maximum": 1,
-                             "aesthetic below minimum": 1}
+    prompts, stats = read_prompts([str(tmp_path)], filters=PromptFilter(dedupe=True))
+    assert prompts == ["one", "two", "three", "four", "five", "six"]
+    assert stats.skipped == {"empty": 2, "duplicate": 1, "not a string": 1}
+    # filters apply to files that have their columns (a .txt/.jsonl without them is an error: test_prompt_filters)
+    prompts, stats = read_prompts([str(tmp_path / "c.parquet")], filters=PromptFilter(min_aesthetic=6.25,
+                                                                                       max_punsafe=0.5))
+    assert prompts == ["four"]
+    assert stats.skipped == {"punsafe above maximum": 1, "aesthetic below minimum": 1}
 
 
 def test_reader_glob_and_bad_jsonl(tmp_path):
