@@ -21,7 +21,8 @@ def user_errors():
 
 
 def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    for line in str(msg).splitlines() or [""]:  # one "error: ..." line per problem
+        print(f"error: {line}", file=sys.stderr)
     raise SystemExit(2)
 
 
