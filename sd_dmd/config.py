@@ -356,6 +356,7 @@ def load_config(cls, argv: Sequence[str] | None = None, description: str = "", e
     import sys
 
     parser = build_parser(cls, description, extra_flags)
+    leaves = {key: tp for key, tp, _, _ in _leaf_fields(cls())}
     single = {s for a in parser._actions if a.nargs is None and a.option_strings for s in a.option_strings}
     argv = _glue_dash_values(list(sys.argv[1:] if argv is None else argv), single)
     ns, unknown = parser.parse_known_args(argv)
@@ -372,6 +373,10 @@ def load_config(cls, argv: Sequence[str] | None = None, description: str = "", e
             raise ConfigError(f"{path}: top level must be a mapping")
     for name, value in vars(ns).items():
         if name.startswith("cfg:"):
+            if value == [] or (isinstance(value, list) and typing.get_origin(leaves[name[4:]]) not in (list, tuple)):
+                # argparse drops a value that is exactly '--' (its separator), even in --key=--
+                raise ConfigError(f"{name[4:]}: no value given ('--' alone cannot be a command-line value; "
+                                  "set it in the YAML file)")
             value = [_Text(v) for v in value] if isinstance(value, list) else _Text(value)
             _set_dotted(tree, name[4:], value)
     cfg = _build(cls, tree)
