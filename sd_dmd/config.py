@@ -16,8 +16,11 @@ type, never guessed from the text:
   scalar means a one-element list. The YAML flow form ``--data.prompts "[a, b]"`` is not parsed on the
   command line (it would be ambiguous for strings): that is the one string ``[a, b]``.
 
-On the command line ``--key=value`` passes any value, also one starting with ``--``; a value starting with a
-single ``-`` (``-1e-3``, ``-inf``) may follow a single-valued key directly.
+On the command line ``--key=value`` passes any value, also one starting with ``--`` (but not ``--`` alone,
+argparse's separator: an error); a value starting with a single ``-`` (``-1e-3``, ``-inf``) may follow a
+single-valued key directly. YAML files are read the same way (scalars by the field's type; a quoted ``'null'``
+is a string, a plain ``null``/``~``/empty value is None); :func:`save_config` quotes what needs it, so a saved
+config reloads identically.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -353,11 +357,10 @@ def load_config(cls, argv: Sequence[str] | None = None, description: str = "", e
     ``extra_flags`` are boolean flags (e.g. ``dry_run``, or ``("dry_run", "help text")``) returned in the
     second result. Returns ``(cfg, flags)``.
     """
-    import sys
-
     parser = build_parser(cls, description, extra_flags)
     leaves = {key: tp for key, tp, _, _ in _leaf_fields(cls())}
-    single = {s for a in parser._actions if a.nargs is None and a.option_strings for s in a.option_strings}
+    single = {"--config"} | {f"--{k}" for k, tp in leaves.items()
+                             if tp is not bool and typing.get_origin(tp) not in (list, tuple)}
     argv = _glue_dash_values(list(sys.argv[1:] if argv is None else argv), single)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
