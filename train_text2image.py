@@ -12,7 +12,9 @@ from sd_dmd.train_config import Config
 
 
 def main(argv=None):
-    cfg, flags = run_cli(Config, argv, __doc__, extra_flags=("resume", "overwrite"))
+    cfg, flags = run_cli(Config, argv, __doc__, extra_flags=(
+        ("resume", "continue from the latest complete checkpoint in output_dir"),
+        ("overwrite", "replace a previous run in output_dir")))
     if flags["dry_run"]:
         return 0
     from sd_dmd.train import train

@@ -5,7 +5,10 @@ import sys
 
 import yaml
 
-from .config import ConfigError, load_config, to_dict
+from .config import ConfigDumper, ConfigError, load_config, to_dict
+
+DRY_RUN = ("dry_run", "print the resolved config and exit without loading models or writing anything")
+
 
 def user_errors():
     from .model import ModelError
@@ -18,20 +21,24 @@ def user_errors():
 
 
 def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    for line in str(msg).splitlines() or [""]:  # one "error: ..." line per problem
+        print(f"error: {line}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def run_cli(cls, argv, description: str, extra_flags=()):
-    """Parse ``cls`` from argv (defaults < --config YAML < --key value), print it, honour --dry-run."""
+    """Parse ``cls`` from argv (defaults < --config YAML < --key value), print it, honour --dry-run.
+
+    ``extra_flags``: boolean flags, as names or ``(name, help)`` pairs; their values come back in ``flags``.
+    """
     try:
-        cfg, flags = load_config(cls, argv, description=description, extra_flags=("dry_run", *extra_flags))
+        cfg, flags = load_config(cls, argv, description=description, extra_flags=(DRY_RUN, *extra_flags))
     except ConfigError as e:
         fail(str(e))
     from .dist import partial_state
 
     if partial_state().is_main_process:
-        print(yaml.safe_dump({"config": to_dict(cfg)}, sort_keys=False).rstrip())
+        print(yaml.dump({"config": to_dict(cfg)}, Dumper=ConfigDumper, sort_keys=False).rstrip())
     return cfg, flags
 
 

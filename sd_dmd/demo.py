@@ -13,10 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: int = 0, extra=()) -> Path:
-    """Pairs + distillation into ``out``; returns the LoRA directory."""
+def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0) -> None:
+    """``out/prompts.txt`` and the teacher's pairs ``out/pairs`` (what configs/digits.yaml reads from demo_out/)."""
     import generate_pairs
-    import train_text2image
 
     from .digits import TEACHER_DIR
     from .digits.data import write_prompt_file
@@ -27,6 +26,15 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
                          "--output_dir", str(out / "pairs"), "--num_pairs", str(num_pairs), "--resolution", "32",
                          "--guidance_scale", "3", "--num_inference_steps", "50", "--batch_size", "100",
                          "--shard_size", "100", "--seed", str(seed)])
+
+
+def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: int = 0, extra=()) -> Path:
+    """Pairs + distillation into ``out``; returns the LoRA directory."""
+    import train_text2image
+
+    from .digits import TEACHER_DIR
+
+    make_inputs(out, num_pairs, seed)
     argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(out / "run"),
             "--regression.pairs_dir", str(out / "pairs"), "--data.prompts", str(out / "prompts.txt"),
             "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite", *extra]
@@ -55,7 +63,13 @@ def main(argv=None):
     p.add_argument("--num_pairs", type=int, default=500)
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/digits.yaml)")
     p.add_argument("--eval_per_class", type=int, default=100)
+    p.add_argument("--inputs_only", action="store_true",
+                   help="only write OUT/prompts.txt and OUT/pairs (the inputs configs/digits.yaml names), then stop")
     args = p.parse_args(argv)
+    if args.inputs_only:
+        make_inputs(args.out, args.num_pairs)
+        print(f"wrote {args.out / 'prompts.txt'} and {args.out / 'pairs'}")
+        return
     from .digits.sampling import save_grid
 
     t0 = time.time()

@@ -4,6 +4,7 @@ Each loss returns ``(loss, stats)``; stats are detached python floats for the lo
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -100,7 +101,12 @@ class LPIPSRegression(RegressionLoss):
         super().__init__(decoder)
         import lpips
 
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        with warnings.catch_warnings():
+            # lpips builds its backbone with torchvision's deprecated vgg16(pretrained=...) call; nothing we pass
+            # avoids it, so torchvision's two deprecation messages are dropped here (only here)
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
         self.lpips.requires_grad_(False).eval()
 
     def distance(self, a, b):

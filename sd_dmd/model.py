@@ -9,6 +9,7 @@ All three are exposed as denoiser callables ``(x_t, t, cond) -> x0_hat`` for :mo
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -72,8 +73,13 @@ def check_eps_prediction(scheduler_config, path: str) -> None:
                          "teacher (SD 1.x / 2.x-base), v-prediction models are not supported")
 
 
-def load_components(path: str, revision: Optional[str] = None, variant: Optional[str] = None):
-    """Load (unet, vae, text_encoder, tokenizer, scheduler) from a local diffusers dir or a hub id."""
+def load_components(path: str, revision: Optional[str] = None, variant: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None):
+    """Load (unet, vae, text_encoder, tokenizer, scheduler) from a local diffusers dir or a hub id.
+
+    ``dtype``: load the weights in this dtype (``dtype=``, as diffusers >= 0.36 and transformers >= 4.56 name
+    it), rather than casting afterwards with ``.to(dtype)``, which diffusers warns about.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -81,9 +87,10 @@ def load_components(path: str, revision: Optional[str] = None, variant: Optional
     kw = dict(revision=revision)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     check_eps_prediction(scheduler.config, path)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)
+    weights = dict(kw, variant=variant, dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     return unet, vae, text_encoder, tokenizer, scheduler
 
@@ -153,13 +160,19 @@ class DMDModel:
         self.tokenizer = tokenizer
         for m in (unet, vae, text_encoder):
             m.requires_grad_(False).eval()
-            m.to(self.device, dtype=weight_dtype)
+            if m.dtype != weight_dtype:  # loaded in another dtype (from_pretrained loads in weight_dtype)
+                m.to(dtype=weight_dtype)
+            m.to(self.device)
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.base_params = sum(p.numel() for p in unet.parameters())
         self.base_bytes = _nbytes(unet.parameters())
         self.lora_specs = {GENERATOR: generator_lora, FAKE: fake_lora}
-        for name, spec in self.lora_specs.items():
-            unet.add_adapter(spec.to_peft(), adapter_name=name)
+        with warnings.catch_warnings():
+            # peft warns that a second adapter joins the first ("Already found a `peft_config`"): two adapters
+            # on one UNet is the design here, so that one warning is dropped, at this call only
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            for name, spec in self.lora_specs.items():
+                unet.add_adapter(spec.to_peft(), adapter_name=name)
         for n, p in unet.named_parameters():  # LoRA weights train in fp32 whatever the base dtype
             if "lora_" in n:
                 p.data = p.data.float()
@@ -175,7 +188,7 @@ class DMDModel:
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None, **kw):
-        return cls(*load_components(path, revision, variant), **kw)
+        return cls(*load_components(path, revision, variant, kw.get("weight_dtype", torch.float32)), **kw)
 
     def _activate(self, name: str) -> None:
         """Route the UNet through adapter ``name``. peft's set_adapter also turns requires_grad off for the

@@ -110,3 +110,34 @@ def build_sd15_shaped_pipeline(out: str | Path) -> Path:
 
     shutil.rmtree(out / "_tok")
     return out
+
+
+TINY_PROMPTS = ["a red cube", "two cats on a sofa", "a blue sphere", "the number seven"]
+
+
+def make_tiny_inputs(out: str | Path, num_pairs: int = 8) -> Path:
+    """``out/pipe`` (the tiny pipeline), ``out/prompts.txt`` and ``out/pairs``: what configs/tiny.yaml names."""
+    from .pairs import PairsConfig, generate_pairs
+
+    out = Path(out)
+    if not (out / "pipe" / "model_index.json").is_file():
+        build_tiny_pipeline(out / "pipe")
+    (out / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    generate_pairs(PairsConfig(prompts=[str(out / "prompts.txt")], pretrained_model_name_or_path=str(out / "pipe"),
+                               output_dir=str(out / "pairs"), num_pairs=num_pairs, resolution=16,
+                               num_inference_steps=3, batch_size=num_pairs))
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the tiny offline pipeline, prompts and pairs of configs/tiny.yaml.")
+    p.add_argument("--out", default="runs/tiny_inputs", help="directory (default: runs/tiny_inputs)")
+    args = p.parse_args(argv)
+    out = make_tiny_inputs(args.out)
+    print(f"wrote {out / 'pipe'}, {out / 'prompts.txt'} and {out / 'pairs'}")
+
+
+if __name__ == "__main__":
+    main()

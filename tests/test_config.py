@@ -31,7 +31,7 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     p.write_text(yaml.safe_dump({"dmd": {"real_guidance_scale": 1.75, "t_min": 5}, "name": "y"}))
     cfg, _ = load_config(Cfg, ["--config", str(p)])
     assert (cfg.dmd.real_guidance_scale, cfg.dmd.t_min, cfg.name, cfg.dmd.loss) == (1.75, 5, "y", "l2")
-    cfg, _ = load_config(Cfg, ["--config", str(p), "--dmd.real_guidance_scale", "3", "--prompts", "[a, b]"])
+    cfg, _ = load_config(Cfg, ["--config", str(p), "--dmd.real_guidance_scale", "3", "--prompts", "a", "b"])
     assert cfg.dmd.real_guidance_scale == 3.0 and isinstance(cfg.dmd.real_guidance_scale, float)
     assert cfg.dmd.t_min == 5 and cfg.prompts == ["a", "b"]
 
@@ -53,7 +53,7 @@ def test_unknown_group():
         from_dict(Cfg, {"zzz": {"a": 1}})
 
 
-@pytest.mark.parametrize("key,value", [("dmd.t_min", "abc"), ("flag", "3"), ("dmd.t_min", "1.5"), ("name", "[1]")])
+@pytest.mark.parametrize("key,value", [("dmd.t_min", "abc"), ("flag", "3"), ("dmd.t_min", "1.5"), ("flag", "maybe")])
 def test_wrong_type_names_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(Cfg, [f"--{key}", value])

@@ -1,0 +1,127 @@
+"""Check, before anything is loaded or written, that the paths a training config names exist.
+
+``check_paths(cfg)`` raises :class:`PreflightError` with one line per problem, each naming the config key,
+the path and what to pass or run instead; ``find_problems(cfg)`` returns those lines. A hub id counts as
+present when it is a local directory, or, under ``HF_HUB_OFFLINE=1``, when it is in the local Hugging Face
+cache; online, a hub id is left to ``from_pretrained`` to download.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import ConfigError
+
+
+class PreflightError(ConfigError):
+    """Paths of the config are missing; ``problems`` holds one line per problem (also the message's lines)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# the input directories of the shipped configs and the command that writes them
+MAKERS = {"runs/tiny_inputs": "python -m sd_dmd.tiny", "demo_out": "python -m sd_dmd.demo --inputs_only"}
+
+
+def _maker(path: str) -> Optional[str]:
+    """The command that writes ``path`` when it is under an input directory of a shipped config."""
+    p = Path(path)
+    return next((cmd for root, cmd in MAKERS.items() if p == Path(root) or Path(root) in p.parents), None)
+
+
+def _writes(path: str) -> str:
+    return f" ({_maker(path)} writes it)" if _maker(path) else ""
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1/true/yes/on), at call time."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _in_hub_cache(repo_id: str, filename: str, revision: Optional[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def model_problem(key: str, name: str, marker: str, revision: Optional[str] = None,
+                  check_dir: Optional[Callable[[Path], Optional[str]]] = None) -> Optional[str]:
+    """Why model ``name`` cannot be loaded here, or None if it can.
+
+    ``name`` is a local directory (checked by ``check_dir``, or for a ``marker`` file in it) or a hub id (under
+    HF_HUB_OFFLINE, ``marker`` must be in the local cache).
+    """
+    fix = f"pass --{key} DIR_OR_HUB_ID"
+    p = Path(name).expanduser()
+    if p.is_dir():
+        why = check_dir(p) if check_dir else (None if (p / marker).is_file() else f"no {marker}")
+        return None if why is None else f"{key}: {name}: {why}; {fix}"
+    if p.exists():
+        return f"{key}: {name} is a file, not a model directory; {fix}"
+    if not _is_hub_id(name):
+        return f"{key}: {name} is neither a local directory nor a hub id 'org/name'{_writes(name)}; {fix}"
+    if hub_offline() and not _in_hub_cache(name, marker, revision):
+        return (f"{key}: {name} is no local directory, and as a hub id it is not in the local Hugging Face cache "
+                f"(HF_HUB_OFFLINE is set){_writes(name)}; download it once online (hf download {name}) or {fix}")
+    return None
+
+
+def _sd_pipeline_dir(p: Path) -> Optional[str]:
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (p / sub).is_dir()]
+    return f"missing {'/, '.join(missing)}/ (not a diffusers Stable Diffusion pipeline)" if missing else None
+
+
+def find_problems(cfg) -> list[str]:
+    """One line per missing path of a ``train_config.Config`` (empty when everything is there)."""
+    from .checkpoint import STATE_FILE
+    from .pairs import MANIFEST
+    from .prompts import PromptError, expand_sources
+
+    problems = []
+    m = cfg.model
+    problem = model_problem("model.pretrained_model_name_or_path", m.pretrained_model_name_or_path,
+                            "model_index.json", m.revision, check_dir=_sd_pipeline_dir)
+    problems += [problem] if problem else []
+    for source in cfg.data.prompts:
+        try:
+            expand_sources([source])
+        except PromptError as e:
+            problems.append(f"data.prompts: {e}{_writes(source)}; pass --data.prompts FILE... "
+                            "(.txt/.jsonl/.parquet, globs, dirs)")
+    r = cfg.regression
+    if r.loss != "none":
+        if r.decoder == "taesd":
+            problem = model_problem("regression.tiny_vae", r.tiny_vae, "config.json")
+            problems += [problem] if problem else []
+        store = Path(r.pairs_dir or "")
+        make = "make it with " + (_maker(r.pairs_dir or "") or
+                                  f"python generate_pairs.py --output_dir {r.pairs_dir} (same teacher and resolution)")
+        alternatives = "pass --regression.pairs_dir DIR, or --regression.loss none"
+        if not store.is_dir():
+            problems.append(f"regression.pairs_dir: {r.pairs_dir} does not exist; {make}, or {alternatives}")
+        elif not (store / MANIFEST).is_file():
+            problems.append(f"regression.pairs_dir: {r.pairs_dir} has no {MANIFEST} (not a pairs store); {make}, "
+                            f"or {alternatives}")
+    resume = cfg.checkpointing.resume_from
+    if resume not in (None, "latest") and not (Path(resume) / STATE_FILE).is_file():
+        problems.append(f"checkpointing.resume_from: {resume} is not a complete checkpoint (no {STATE_FILE}); "
+                        "pass a checkpoint-N directory or 'latest'")
+    return problems
+
+
+def check_paths(cfg) -> None:
+    """Raise :class:`PreflightError` (a ConfigError: the CLI prints each line as ``error: ...``) on problems."""
+    problems = find_problems(cfg)
+    if problems:
+        raise PreflightError(problems)
