@@ -40,7 +40,7 @@ def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch
     stats = {
         "loss_dm": loss.item(),
         "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
-        "dm_weight": weight.mean().item(),
+        "eq8_weight": weight.mean().item(),  # Eq. 8's w_t (not the config key dmd.dm_weight)
         "dm_real_fake_gap": (mu_real - mu_fake).abs().mean().item(),
     }
     return loss, stats

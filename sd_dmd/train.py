@@ -32,6 +32,7 @@ from .pairs import PairsStore, teacher_identity
 from .prompts import PromptFilter, read_prompts
 from .schedule import sample_timesteps
 from .step import CriticBatch, GeneratorBatch, split_batch, critic_loss, generator_loss, generator_samples
+from .preflight import check_paths
 from .train_config import Config, resolve_precision, resume_conflicts
 
 
@@ -56,7 +57,7 @@ def _decoder(cfg: Config, model: DMDModel, device):
         return model.decode
     from diffusers import AutoencoderTiny
 
-    taesd = AutoencoderTiny.from_pretrained(r.tiny_vae).to(device, dtype=model.weight_dtype).requires_grad_(False)
+    taesd = AutoencoderTiny.from_pretrained(r.tiny_vae, dtype=model.weight_dtype).to(device).requires_grad_(False)
     taesd.eval()
     if cfg.train.gradient_checkpointing:
         taesd.enable_gradient_checkpointing()
@@ -380,7 +381,9 @@ class Trainer:
         grid = self.validation_grid("final")
         if self.ema is not None:
             self.ema.restore(self.gen_params)
-        write_model_card(self.cfg, final, self.history, grid)
+        if grid is not None:  # inside final/, so the folder can be copied or uploaded as it is
+            shutil.copyfile(grid, final / "samples.png")
+        write_model_card(self.cfg, final, self.history, grid is not None)
         return final
 
     # ----- the loop ---------------------------------------------------------------------------------
@@ -457,8 +460,8 @@ class Trainer:
         self.stop_signal = signum
 
 
-def write_model_card(cfg: Config, final: Path, history: list[dict], grid: Optional[Path]) -> None:
-    """``final/README.md``: settings, curve summary and a copy-paste diffusers snippet."""
+def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool) -> None:
+    """``final/README.md``: teacher, timesteps, settings, curve summary, and how to load both LoRA files."""
     keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
     rows = []
     if history:
@@ -471,6 +474,7 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], grid: Option
             rows.append("| " + " | ".join([str(h["step"])] + [f"{h[k]:.4g}" if k in h else "-" for k in keys]) + " |")
     model = cfg.model.pretrained_model_name_or_path
     g = cfg.lora.generator
+    t_star = cfg.dmd.conditioning_timestep
     text = f"""---
 library_name: diffusers
 base_model: {model}
@@ -478,17 +482,20 @@ tags: [lora, text-to-image, one-step, dmd, sd_dmd]
 ---
 # One-step DMD LoRA for `{model}`
 
-Distilled with [sd_dmd](https://example.invalid/sd_dmd) (Distribution Matching Distillation, Yin et al. 2023) into a
+Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
 **one-step** generator: LoRA r={g.rank}, alpha={g.alpha}, on the frozen teacher UNet.
 
 | setting | value |
 |---|---|
+| teacher | `{model}`{f" (revision {cfg.model.revision})" if cfg.model.revision else ""} |
+| sampling timesteps | [{t_star}] (one step from pure noise; guidance 0) |
 | real-score guidance | {cfg.dmd.real_guidance_scale} |
-| DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}], generator at t*={cfg.dmd.conditioning_timestep} |
+| DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}] |
 | fake updates per step | {cfg.dmd.fake_updates_per_step} |
 | regression | {cfg.regression.loss} (lambda={cfg.regression.weight}, decoder={cfg.regression.decoder}) |
 | optimiser | {cfg.optim.optimizer}, lr G {cfg.optim.lr_generator} / fake {cfg.optim.lr_fake} |
 | steps x batch | {cfg.train.max_steps} x {cfg.train.batch_size} per process |
+| precision | autocast {cfg.train.mixed_precision}, base weights {cfg.model.weight_dtype} |
 | resolution | {cfg.model.resolution} |
 
 ## Training curve (summary)
@@ -499,19 +506,22 @@ Distilled with [sd_dmd](https://example.invalid/sd_dmd) (Distribution Matching D
 
 ## Use
 
+diffusers (this folder holds `pytorch_lora_weights.safetensors` with its adapter metadata):
+
 ```python
 import torch
 from diffusers import StableDiffusionPipeline, LCMScheduler
 
-pipe = StableDiffusionPipeline.from_pretrained("{model}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{final}")
+pipe = StableDiffusionPipeline.from_pretrained("{model}", dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{cfg.dmd.conditioning_timestep}],
-             guidance_scale=0.0).images[0]
+image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=0.0).images[0]
 ```
 
-ComfyUI / A1111: use `{KOHYA_FILE}` (kohya key format) with an LCM sampler at 1 step, CFG 1.
-{f"{chr(10)}![validation]({os.path.relpath(grid, final)})" if grid else ""}
+ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
+`lora_up`, `.alpha` = {g.alpha}). Load it with the teacher `{model}` as a normal LoRA at strength 1.0 and sample
+**1 step** with the LCM sampler at timestep {t_star} (scheduler "sgm_uniform"/"simple" in ComfyUI), CFG 1.
+{f"{chr(10)}Samples from the final generator (fixed validation prompts and seeds):{chr(10)}{chr(10)}![samples](samples.png)" if has_samples else ""}
 """
     (final / "README.md").write_text(text)
 
@@ -557,6 +567,22 @@ def check_resume_config(cfg: Config, checkpoint: Path) -> None:
                           f"{'; '.join(changed)} (start a new output_dir, or drop these overrides)")
 
 
+def check_start(cfg: Config, resume: bool = False, overwrite: bool = False) -> Optional[Path]:
+    """Every check that needs no model (``--dry-run`` runs these): output directory, paths, precision, tracker,
+    resume compatibility. Settles ``cfg``'s auto values; returns the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir)
+    if resume and cfg.checkpointing.resume_from is None:
+        cfg.checkpointing.resume_from = "latest"
+    check_output_dir(out, cfg.checkpointing.resume_from is not None, overwrite)
+    check_paths(cfg)
+    resolve_precision(cfg)
+    check_tracker(cfg.logging.tracker)
+    path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
+    if path is not None:
+        check_resume_config(cfg, path)
+    return path
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Trainer":
     """Run (or resume) training; returns the Trainer, whose ``final`` is the exported LoRA directory.
 
@@ -566,15 +592,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Traine
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(cfg.output_dir)
-    if resume and cfg.checkpointing.resume_from is None:
-        cfg.checkpointing.resume_from = "latest"
+    path = check_start(cfg, resume, overwrite)
     resuming = cfg.checkpointing.resume_from is not None
-    check_output_dir(out, resuming, overwrite)
-    resolve_precision(cfg)
-    check_tracker(cfg.logging.tracker)
-    path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
-    if path is not None:
-        check_resume_config(cfg, path)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
                       log_with=None if cfg.logging.tracker == "none" else cfg.logging.tracker,
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))

@@ -91,18 +91,26 @@ def launch(setup, hd: Path, mode: str, out: Path, *extra) -> subprocess.Popen:
            "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", setup["pipe"],
            "--regression.pairs_dir", setup["pairs"], "--data.prompts", setup["prompts"], "--output_dir", str(out),
            *extra]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = open(hd / "launch.log", "w")  # a file, not a pipe: a hung worker holding a pipe would hang the test
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.harness_dir = hd
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
+    hd = proc.harness_dir
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the 2-process run hung (killed after {timeout} s):\n{out[-3000:]}")
-    return out
+        for pid_file in hd.glob("pid*"):  # the workers may sit in sessions of their own
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        proc.wait()
+        pytest.fail(f"the 2-process run hung (killed after {timeout} s):\n{(hd / 'launch.log').read_text()[-3000:]}")
+    return (hd / "launch.log").read_text()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:

@@ -203,13 +203,26 @@ def test_conflicting_resume_fails_before_writing(setup, tmp_path, capsys):
     assert t.step == 3
 
 
+def logged_steps(run: Path) -> list:
+    """Steps of the loss_dm curve TensorBoard shows for the run (all its event files together)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for f in sorted(run.joinpath("logs").rglob("events.*")):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        if "loss_dm" in ea.Tags()["scalars"]:
+            steps += [e.step for e in ea.Scalars("loss_dm")]
+    return steps
+
+
 def test_overwrite_leaves_nothing_of_the_old_run(setup, tmp_path, capsys):
     out = tmp_path / "run"
     train(cfg_of(setup, out, "--train.max_steps", "4", "--logging.tracker", "tensorboard",
                  "--logging.validation_every", "1"))
-    assert list((out / "logs").rglob("events.*")) and (out / "validation" / "step-000004.png").exists()
+    assert logged_steps(out) == [1, 2, 3, 4] and (out / "validation" / "step-000004.png").exists()
     train(cfg_of(setup, out, "--train.max_steps", "2", "--logging.tracker", "tensorboard"), overwrite=True)
-    assert len(list((out / "logs").rglob("events.*"))) == 1
+    assert logged_steps(out) == [1, 2]  # not 1, 2, 3, 4, 1, 2 in one curve
     assert not (out / "validation" / "step-000004.png").exists() and not (out / "checkpoint-4").exists()
     (out / "my_notes.txt").write_text("keep me")  # not a run artefact: --overwrite refuses to delete it
     assert_one_line_error(train_text2image.main, argv(setup, out, "--overwrite"), capsys, "my_notes.txt")
