@@ -82,6 +82,22 @@ def _sd_pipeline_dir(p: Path) -> Optional[str]:
     return f"missing {'/, '.join(missing)}/ (not a diffusers Stable Diffusion pipeline)" if missing else None
 
 
+# torchvision's ImageNet weights that lpips.LPIPS(pretrained=True, pnet_rand=False) loads for its backbone
+LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+
+
+def lpips_backbone_problem(net: str) -> Optional[str]:
+    """Offline, the LPIPS backbone must already be in torch's hub cache (torchvision downloads it otherwise)."""
+    import torch
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net]
+    if path.is_file() or not hub_offline():
+        return None
+    return (f"regression.lpips_pretrained_backbone: offline and {path} is not cached (LPIPS-{net} needs it); copy "
+            f"{LPIPS_BACKBONES[net]} there, or pass --regression.lpips_pretrained_backbone false (random backbone, "
+            "tests only) or --regression.loss l2")
+
+
 def find_problems(cfg) -> list[str]:
     """One line per missing path of a ``train_config.Config`` (empty when everything is there)."""
     from .checkpoint import STATE_FILE
@@ -104,6 +120,8 @@ def find_problems(cfg) -> list[str]:
         if r.decoder == "taesd":
             problem = model_problem("regression.tiny_vae", r.tiny_vae, "config.json")
             problems += [problem] if problem else []
+        if r.loss == "lpips" and r.lpips_pretrained_backbone:
+            problems += [lpips_backbone_problem(r.lpips_net)] if lpips_backbone_problem(r.lpips_net) else []
         store = Path(r.pairs_dir or "")
         make = "make it with " + (_maker(r.pairs_dir or "") or
                                   f"python generate_pairs.py --output_dir {r.pairs_dir} (same teacher and resolution)")

@@ -75,14 +75,18 @@ def test_hub_ids_offline_must_be_cached(in_tmp, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(in_tmp / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch"))
     argv = ["--data.prompts", "p.txt", "--regression.pairs_dir", "."]
     (in_tmp / "manifest.json").write_text("{}")
     (in_tmp / "p.txt").write_text("a cat\n")
     problems = find_problems(_cfg("sd15_dmd.yaml", *argv))
-    assert [p.split(":")[0] for p in problems] == ["model.pretrained_model_name_or_path", "regression.tiny_vae"]
+    assert [p.split(":")[0] for p in problems] == ["model.pretrained_model_name_or_path", "regression.tiny_vae",
+                                                   "regression.lpips_pretrained_backbone"]
     assert "hf download runwayml/stable-diffusion-v1-5" in problems[0] and "HF_HUB_OFFLINE" in problems[0]
     _fake_hub_cache(in_tmp / "hub", "runwayml/stable-diffusion-v1-5", "model_index.json")
     _fake_hub_cache(in_tmp / "hub", "madebyollin/taesd", "config.json")
+    (in_tmp / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (in_tmp / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"x")
     assert find_problems(_cfg("sd15_dmd.yaml", *argv)) == []
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(in_tmp / "empty"))
     monkeypatch.delenv("HF_HUB_OFFLINE")  # online, from_pretrained downloads what is missing
@@ -119,3 +123,15 @@ def test_check_paths_error_prints_one_error_line_per_problem(in_tmp, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+
+
+def test_lpips_backbone_must_be_cached_offline(tmp_path, monkeypatch):
+    from sd_dmd.preflight import lpips_backbone_problem
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problem = lpips_backbone_problem("vgg")
+    assert problem and "vgg16-397923af.pth" in problem and "lpips_pretrained_backbone false" in problem
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"x")
+    assert lpips_backbone_problem("vgg") is None
