@@ -29,3 +29,16 @@ def tiny_model(tiny_pipe_dir):
 
     return DMDModel.from_pretrained(tiny_pipe_dir, generator_lora=LoraSpec(rank=4, alpha=8.0),
                                     fake_lora=LoraSpec(rank=4, alpha=4.0), real_guidance_scale=3.0)
+
+
+@pytest.fixture(scope="session")
+def train_setup(tiny_pipe_dir, tmp_path_factory):
+    """Inputs of a tiny training run: 4 prompts and an 8-pair store from the tiny pipeline (configs/tiny.yaml)."""
+    import generate_pairs
+
+    d = tmp_path_factory.mktemp("train")
+    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
+    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
+                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
+                         "--num_pairs", "8"])
+    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt"), "dir": d}

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import generate_pairs
 from sd_dmd import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +71,9 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pipe_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("mp")
-    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
-    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
-                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
-                         "--num_pairs", "8"])
-    (d / "harness.py").write_text(HARNESS.format(root=str(ROOT)))
-    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt"), "dir": d}
+def setup(train_setup):
+    (train_setup["dir"] / "harness.py").write_text(HARNESS.format(root=str(ROOT)))
+    return train_setup
 
 
 def launch(setup, hd: Path, mode: str, out: Path, *extra) -> subprocess.Popen:

@@ -7,9 +7,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import assert_one_line_error
 
-import generate_pairs
 import train_text2image
-from sd_dmd import checkpoint as ckpt
 from sd_dmd.config import ConfigError, load_config
 from sd_dmd.model import FAKE, GENERATOR
 from sd_dmd.train import Trainer, train
@@ -19,13 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pipe_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("prec")
-    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
-    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
-                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
-                         "--num_pairs", "8"])
-    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt"), "dir": d}
+def setup(train_setup):
+    return train_setup
 
 
 @pytest.fixture

@@ -19,15 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pipe_dir, tmp_path_factory):
-    import generate_pairs
-
-    d = tmp_path_factory.mktemp("train")
-    (d / "prompts.txt").write_text("a red cube\ntwo cats on a sofa\na blue sphere\nthe number seven\n")
-    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", tiny_pipe_dir,
-                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
-                         "--num_pairs", "8"])
-    return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt")}
+def setup(train_setup):
+    return train_setup
 
 
 def _argv(setup, out, *extra):
