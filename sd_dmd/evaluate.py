@@ -263,6 +263,24 @@ def check_metric_inputs(cfg: EvalConfig) -> None:
         if cfg.clip_pretrained not in tags:
             raise EvalError(f"clip_pretrained: '{cfg.clip_pretrained}' is neither a file nor a pretrained tag of "
                             f"{cfg.clip_model} ({', '.join(tags) or 'none'}); 'none' skips CLIP")
+        check_clip_cached(cfg.clip_model, cfg.clip_pretrained)
+
+
+def check_clip_cached(model: str, tag: str) -> None:
+    """Offline, an open_clip pretrained tag must already be in the Hugging Face cache (checked before any image)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    from .preflight import hub_offline
+
+    hub = open_clip.get_pretrained_cfg(model, tag).get("hf_hub", "")
+    if not hub_offline() or not hub:
+        return
+    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+        raise EvalError(f"clip_pretrained: offline and {model}/{tag} ({repo}) is not in the Hugging Face cache; pass "
+                        "--clip_pretrained FILE (open_clip weights), pre-fill the cache, or --clip_pretrained none")
 
 
 def probe_fid(cfg: EvalConfig) -> None:

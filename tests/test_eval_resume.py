@@ -105,3 +105,16 @@ def test_fid_weights_unavailable_fails_before_generating(setup, monkeypatch, cap
     monkeypatch.setattr(ev, "make_fid", offline)
     assert_one_line_error(ev.main, setup["argv"], capsys, "FID Inception weights could not be loaded (URLError")
     assert not (setup["out"] / "images").exists()
+
+
+def test_clip_tag_must_be_cached_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from sd_dmd.evaluate import EvalError, check_clip_cached
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(EvalError, match="not in the Hugging Face cache"):
+        check_clip_cached("ViT-B-32", "laion2b_s34b_b79k")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, open_clip downloads it when needed
+    check_clip_cached("ViT-B-32", "laion2b_s34b_b79k")
