@@ -7,7 +7,7 @@ import yaml
 
 from .config import ConfigDumper, ConfigError, load_config, to_dict
 
-DRY_RUN = ("dry_run", "print the resolved config and exit without loading models or writing anything")
+DRY_RUN = ("dry_run", "print the resolved config, run the start checks (paths, precision, output_dir, resume) and exit without loading models or writing anything")
 
 
 def user_errors():

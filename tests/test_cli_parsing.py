@@ -81,7 +81,7 @@ def test_bare_bool_flag_means_true():
 @pytest.mark.parametrize("argv,parts", [
     (["--optim.lr_generator", "fast"], ["optim.lr_generator", "'fast'", "float"]),
     (["--data.dedupe", "maybe"], ["data.dedupe", "'maybe'", "{true,false}"]),
-    (["--train.mixed_precision", "No"], ["train.mixed_precision", "'No'", "{no,fp16,bf16}"]),
+    (["--train.mixed_precision", "No"], ["train.mixed_precision", "'No'", "{auto,no,fp16,bf16}"]),
     (["--train.max_steps", "1e3"], ["train.max_steps", "'1e3'", "int"]),
     (["--data.min_aesthetic", "high"], ["data.min_aesthetic", "'high'", "float|none"]),
     (["--logging.validation_seeds", "[0,", "1]"], ["logging.validation_seeds[0]", "'[0,'", "int", "separate values"]),
@@ -262,7 +262,7 @@ def test_help_shows_choices_defaults_and_flags(capsys):
     import train_text2image
 
     out = _help(train_text2image.main, capsys)
-    assert "--train.mixed_precision {no,fp16,bf16}" in out and "(default: no)" in out
+    assert "--train.mixed_precision {auto,no,fp16,bf16}" in out and "(default: auto)" in out
     assert "--dry-run print the resolved config" in out and "--resume continue from" in out
     assert "--optim.lr_generator float generator LoRA learning rate (default: 1e-05)" in out
     assert "Literal" not in out and "typing" not in out

@@ -224,7 +224,7 @@ class _Bomb:
 
 
 def test_written_files_are_safe_formats_and_planted_pickles_are_ignored(setup, straight_run, tmp_path, monkeypatch):
-    allowed = {".safetensors", ".json", ".parquet", ".yaml", ".png", ".md"}
+    allowed = {".safetensors", ".json", ".jsonl", ".parquet", ".yaml", ".png", ".md"}
     for d in (straight_run, setup["pairs"]):
         bad = [p for p in Path(d).rglob("*") if p.is_file() and p.suffix not in allowed]
         assert not bad, bad
