@@ -229,3 +229,13 @@ def test_pairs_made_with_another_guidance_are_refused(setup, tmp_path, capsys):
     t = train(cfg_of(setup, tmp_path / "ok", "--dmd.real_guidance_scale", "1.75", "--train.max_steps", "1",
                      "--regression.allow_guidance_mismatch", "true"))
     assert t.step == 1
+
+
+def test_missing_tracker_is_an_error_at_start(setup, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert_one_line_error(train_text2image.main, argv(setup, tmp_path / "w", "--logging.tracker", "wandb"), capsys,
+                          "pip install wandb")
+    assert not (tmp_path / "w").exists()
