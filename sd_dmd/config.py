@@ -174,13 +174,7 @@ def _from_text(key: str, tp: Any, text: _Text) -> Any:
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and not text.quoted and text.strip().lower() in _NONE_WORDS:
             return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(key, arg, text)
-                except ConfigError:
-                    continue
-        raise _bad(key, tp, text)
+        return _first_fit(key, tp, text)
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == text:
@@ -198,6 +192,17 @@ def _from_text(key: str, tp: Any, text: _Text) -> Any:
         raise _bad(key, tp, text) from None
 
 
+def _first_fit(key: str, tp: Any, value: Any) -> Any:
+    """``value`` read as the first non-None member of the Union ``tp`` that accepts it."""
+    for arg in typing.get_args(tp):
+        if arg is not type(None):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                continue
+    raise _bad(key, tp, value)
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check/convert ``value`` to ``tp``; raise ConfigError naming ``key`` on mismatch.
 
@@ -210,14 +215,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, arg, value)
-            except ConfigError:
-                continue
-        raise _bad(key, tp, value)
+        return _first_fit(key, tp, value)
     if origin is typing.Literal:
         if value not in args:
             raise _bad(key, tp, value)

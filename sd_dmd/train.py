@@ -64,6 +64,12 @@ def _decoder(cfg: Config, model: DMDModel, device):
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
 
 
+def _add_mean(total: dict, stats: dict, n: int) -> None:
+    """Accumulate one of ``n`` micro-batches' stats into their mean."""
+    for k, v in stats.items():
+        total[k] = total.get(k, 0.0) + v / n
+
+
 def check_precision(cfg: Config, accelerator) -> None:
     """The autocast the accelerator runs is the one the config asks for, and the weights are safe under it."""
     resolve_precision(cfg, accelerator.mixed_precision)
@@ -224,8 +230,7 @@ class Trainer:
                 loss, s, x, cond = generator_loss(self.model, mb, dm_weight=cfg.dmd.dm_weight,
                                                   regression=self.reg_loss, regression_weight=cfg.regression.weight)
             acc.backward(loss / n_acc)
-            for k, v in s.items():
-                stats[k] = stats.get(k, 0.0) + v / n_acc
+            _add_mean(stats, s, n_acc)
             samples.append((x, cond))
         norm, applied = self._apply(self.gen_params, self.opt_g, self.sched_g, stats)
         if applied and self.ema is not None:
@@ -249,8 +254,7 @@ class Trainer:
             with acc.autocast():
                 loss, s = critic_loss(m, x, cond, mb)
             acc.backward(loss / n_acc)
-            for k, v in s.items():
-                stats[k] = stats.get(k, 0.0) + v / n_acc
+            _add_mean(stats, s, n_acc)
         norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats)
         stats["grad_norm_fake"] = norm
         return stats, applied
