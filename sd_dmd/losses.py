@@ -46,18 +46,26 @@ def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch
     return loss, stats
 
 
-def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                    schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None):
-    """Denoising loss of the fake score on generator samples: mse(eps_fake(x_t), noise).
+FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1")
 
-    Written on x0: eps_hat - noise = alpha/sigma (x - x0_hat), so the eps-MSE equals the
-    SNR-weighted x0 loss and works for any denoiser callable.
+
+def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None, weighting: str = "eps"):
+    """Denoising loss of the fake score on generator samples, written on x0 so it works for any denoiser.
+
+    ``eps``: mse(eps_fake(x_t), noise) = SNR * |x0_hat - x|^2 (SD's loss; DMD and DMD2 on SD).
+    ``snr+1``: (SNR + 1) * |x0_hat - x|^2, the v-prediction loss: at high noise the eps loss weights the x0
+    error by SNR ~ 0.005 (t = 999), so the fake score hardly learns there, yet Eq. 7 reads its x0 there.
     """
+    if weighting not in FAKE_LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown fake-score loss weighting '{weighting}' (choose from {FAKE_LOSS_WEIGHTINGS})")
     x = x.detach()
     x_t = schedule.add_noise(x, noise, t)
     x0_hat = fake(x_t, t, cond).float()
     a, s = schedule.alpha_sigma(t, x)
-    loss = ((a / s) * (x0_hat - x.float())).pow(2).mean()
+    snr = (a / s) ** 2
+    w = snr if weighting == "eps" else snr + 1
+    loss = (w * (x0_hat - x.float()).pow(2)).mean()
     return loss, {"loss_fake": loss.item()}
 
 

@@ -74,6 +74,6 @@ def generator_samples(model, z: torch.Tensor, prompts: list) -> tuple[torch.Tens
     return model.generate(z, cond), cond
 
 
-def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch):
+def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch, weighting: str = "eps"):
     """The fake score's denoising loss on detached generator samples. Returns ``(loss, stats)``."""
-    return fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond)
+    return fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond, weighting)

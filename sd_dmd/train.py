@@ -252,7 +252,7 @@ class Trainer:
         stats: dict = {}
         for (x, cond), mb in zip(samples, batch.split(n_acc)):
             with acc.autocast():
-                loss, s = critic_loss(m, x, cond, mb)
+                loss, s = critic_loss(m, x, cond, mb, cfg.dmd.fake_loss_weighting)
             acc.backward(loss / n_acc)
             _add_mean(stats, s, n_acc)
         norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats)

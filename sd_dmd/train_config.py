@@ -42,6 +42,8 @@ class DMDConfig:
     conditioning_timestep: int = field(999, "timestep t* at which the generator is called")
     fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
     dm_weight: float = field(1.0, "weight of the distribution-matching loss")
+    fake_loss_weighting: Literal["eps", "snr+1"] = field(
+        "eps", "fake-score loss: eps-MSE (SD's, DMD's) or snr+1 (v-prediction weighting, learns high noise)")
 
 
 @dataclass

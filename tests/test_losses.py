@@ -148,3 +148,26 @@ def test_lpips_regression_with_decoder():
 def test_unknown_regression_loss():
     with pytest.raises(ValueError, match="unknown regression loss"):
         make_regression_loss("ssim")
+
+
+def test_fake_score_loss_snr_plus_one_is_the_v_loss_and_weights_high_noise():
+    """``snr+1`` equals the v-prediction MSE of the same denoiser; at t = 999 its weight on an x0 error is
+    ~1, about 200x the eps loss's, which is why it teaches the fake score the high-noise end Eq. 7 reads."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 4, generator=g)
+    n = torch.randn(x.shape, generator=g)
+    t = sample_timesteps(512, 0, 999, generator=g)
+    off = lambda x_t, t, c: S.eps_to_x0(x_t, torch.zeros_like(x_t), t) * 0.9  # noqa: E731  some imperfect denoiser
+    loss, _ = fake_score_loss(off, x, t, n, S, weighting="snr+1")
+    x_t = S.add_noise(x, n, t)
+    a, s = S.alpha_sigma(t, x)
+    v_true = a * n - s * x
+    v_hat = a * S.x0_to_eps(x_t, off(x_t, t, None), t) - s * off(x_t, t, None)
+    assert math.isclose(loss.item(), (v_hat - v_true).pow(2).mean().item(), rel_tol=1e-4)
+    hi = torch.full((512,), 999)
+    biased = lambda x_t, t, c: x + 0.1  # noqa: E731  the same x0 error at every t
+    eps_hi, _ = fake_score_loss(biased, x, hi, n, S)
+    v_hi, _ = fake_score_loss(biased, x, hi, n, S, weighting="snr+1")
+    assert v_hi > 100 * eps_hi
+    with pytest.raises(ValueError, match="snr\\+1"):
+        fake_score_loss(biased, x, hi, n, S, weighting="x0")
