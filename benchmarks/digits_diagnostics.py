@@ -1,6 +1,7 @@
 """What a digits DMD run is doing, per timestep band, while it trains (issue 15's diagnostics).
 
     python benchmarks/digits_diagnostics.py [--steps 300] [--probe_every 25] [--eval_every 50] [-- --dmd.x y ...]
+    python benchmarks/digits_diagnostics.py --table runs/diag/*.json     # the sweep table of finished runs
 
 Everything after ``--`` is passed to the config exactly as on train_text2image.py's command line (on top of
 configs/digits.yaml). The run uses the trainer's own step (``Trainer.train_step``), so what is measured is
@@ -166,8 +167,28 @@ def run(overrides: list[str], steps: int, probe_every: int, eval_every: int, eva
     return record
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of finished runs: overrides, steps, wall time, best and last digits-FID / coverage."""
+    lines = ["| run | overrides (on configs/digits.yaml) | steps | wall | FID start -> best (step) -> last | "
+             "coverage last | accuracy last | fake/teacher loss, t 750-980, last probe |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        ev = r["evals"]
+        best = min(ev, key=lambda e: e["digits_fid"])
+        hi = r["probes"][-1]["bands"][-1]
+        lines.append(f"| {Path(path).stem} | `{' '.join(r['overrides'])}` | {r['steps']} | {r['seconds'] / 60:.1f} min | "
+                     f"{ev[0]['digits_fid']:.0f} -> {best['digits_fid']:.0f} ({best['step']}) -> "
+                     f"{ev[-1]['digits_fid']:.0f} | {ev[-1]['coverage_mean']:.3f} | {ev[-1]['prompt_accuracy']:.3f} | "
+                     f"{hi['fake_loss']:.4f} / {hi['teacher_loss']:.4f} |")
+    return "\n".join(lines)
+
+
 def main():
     argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:
+        print(table([Path(a) for a in argv[1:]]))
+        return
     overrides = []
     if "--" in argv:
         i = argv.index("--")

@@ -1,18 +1,21 @@
-"""Quality of DMD variants on the shipped digits teacher -> docs/RESULTS.md.
+"""Quality of DMD variants on the shipped digits teacher -> docs/RESULTS.md and docs/quality_curve.png.
 
-    python benchmarks/digits_quality.py [--out runs/digits_quality] [--steps 400] [--eval_seeds 0 1 2]
+    python benchmarks/digits_quality.py [--out runs/digits_quality] [--steps N] [--eval_seeds 0 1 2]
 
-Rows: the teacher at 50 steps (PNDM, CFG 3 = the real score's guidance) and at 1 step; one-step generators
-distilled with regression only, distribution matching only, full DMD, and DMD2-style (TTUR 3, no regression).
-Every distillation uses the same scripts as SD v1.5 (generate_pairs.py, train_text2image.py with
-configs/digits.yaml plus the overrides shown). Metrics: digits-FID, prompt accuracy, mean per-class coverage,
-each the mean +- std over the evaluation seeds (100 images per digit per seed).
+Rows: the teacher at 50 steps (PNDM, CFG 3 = the real score's guidance) and at one step, with CFG 3 and without
+guidance (the latter is exactly the generator before training: its LoRA starts at zero); then one-step generators
+distilled with the shipped recipe (configs/digits.yaml) and the ablations of the paper's Table 2 on top of it.
+Every distillation uses the scripts a user runs (generate_pairs.py, train_text2image.py with configs/digits.yaml
+plus the overrides shown). Final metrics load ``final/`` into a fresh diffusers pipeline; the curve evaluates every
+checkpoint's generator LoRA the same way on one seed. Metrics: digits-FID, prompt accuracy, mean per-class
+coverage, each the mean +- std over the evaluation seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,12 +26,57 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sd_dmd.demo import shipped_guidance  # noqa: E402
+
+GUIDANCE = shipped_guidance()  # the real score's CFG in configs/digits.yaml; pairs and teacher rows use it
+TEACHER_50 = f"teacher, 50 steps (PNDM, CFG {GUIDANCE:g})"
+TEACHER_50_CFG3 = "teacher, 50 steps (PNDM, CFG 3: the reference before issue 15)"
+TEACHER_1 = f"teacher, 1 step (CFG {GUIDANCE:g})"
+TEACHER_1_NOCFG = "teacher, 1 step, no CFG (= G at step 0)"
+SHIPPED = "shipped recipe (configs/digits.yaml)"
+# name -> overrides on top of configs/digits.yaml; the shipped recipe is the first
 VARIANTS = {
-    "regression only": ["--dmd.dm_weight", "0"],
-    "distribution matching only": ["--regression.loss", "none"],
-    "full DMD": [],
-    "DMD2-style (TTUR 3, no regression)": ["--regression.loss", "none", "--dmd.fake_updates_per_step", "3"],
+    SHIPPED: [],
+    "regression only": ["--dmd.dm_weight", "0", "--regression.loss", "l2"],
+    "DMD: distribution matching + regression": ["--regression.loss", "l2"],
+    "the recipe before issue 15": [
+        "--optim.lr_generator", "1e-3", "--optim.lr_fake", "1e-3", "--dmd.fake_updates_per_step", "1",
+        "--dmd.fake_loss_weighting", "eps", "--train.max_steps", "400", "--regression.weight", "0.25",
+        "--regression.loss", "l2", "--train.ema_decay", "0", "--dmd.real_guidance_scale", "3"],
 }
+
+
+def checkpoint_curve(run: Path, measure_one) -> list[dict]:
+    """digits metrics of every checkpoint's generator LoRA (its EMA when the run keeps one: what final/ gets;
+    one seed), in step order."""
+    from sd_dmd.checkpoint import list_checkpoints
+
+    return [{"step": step, **measure_one(path / "generator_ema" if (path / "generator_ema").exists()
+                                          else path / "generator")} for step, path in list_checkpoints(run)]
+
+
+def plot_curves(curves: dict, levels: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "digits_fid", "digits-FID (lower is better)"),
+                           (axes[1], "coverage_mean", "coverage (higher is better)")):
+        for name, pts in curves.items():
+            ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+        for (name, lv), style in zip(levels.items(), ("--", ":", "-.")):
+            ax.axhline(lv[key], color="k", ls=style, lw=1, label=name)
+        ax.set_xlabel("generator step")
+        ax.set_ylabel(label)
+        if key == "digits_fid":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("One-step digits generators while they train (curve: 1 seed; table: 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main():
@@ -38,92 +86,151 @@ def main():
     p.add_argument("--num_pairs", type=int, default=500)
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per_class", type=int, default=100)
+    p.add_argument("--curve_every", type=int, default=50, help="checkpoint (curve point) every N generator steps")
+    p.add_argument("--curve_per_class", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = p.parse_args()
     import train_text2image
 
-    from sd_dmd.demo import run_chain
+    from sd_dmd.demo import make_inputs
     from sd_dmd.digits import TEACHER_DIR
     from sd_dmd.digits.evaluate import digit_metrics, load_classifier
     from sd_dmd.digits.sampling import one_step, sample_digits, save_grid, teacher_pipeline
 
     t0 = time.time()
     clf = load_classifier()
-    rows, grids = {}, {}
+    rows, grids, times, curves = {}, {}, {}, {}
+    keys = ("digits_fid", "prompt_accuracy", "coverage_mean")
 
     def measure(name, pipe, **kw):
-        ms = []
+        ms, t = [], time.time()
         for s in args.eval_seeds:
             imgs, labels = sample_digits(pipe, args.per_class, 10_000 + s, **kw)
             ms.append(digit_metrics(imgs, labels, clf))
-        grids[name] = imgs[::args.per_class]  # the first image of each digit 0-9
-        rows[name] = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
-                      for k in ("digits_fid", "prompt_accuracy", "coverage_mean")}
+        n = len(args.eval_seeds) * len(imgs)
+        grids[name] = imgs[::args.per_class]  # the first image of each digit 0-9 (same noise for every row)
+        rows[name] = {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))) for k in keys}
+        rows[name]["ms_per_image"] = (time.time() - t) * 1000 / n
         print(name, rows[name], flush=True)
 
-    measure("teacher, 50 steps (PNDM, CFG 3)", teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=3.0)
-    measure("teacher, 1 step (CFG 3)", one_step(str(TEACHER_DIR), None), steps=1, guidance=3.0, timesteps=[999])
-    commands = {}
-    lora_full = run_chain(args.out / "full DMD".replace(" ", "_"), args.num_pairs, args.steps)
-    pairs = args.out / "full_DMD" / "pairs"
-    prompts = args.out / "full_DMD" / "prompts.txt"
-    for name, extra in VARIANTS.items():
-        run = args.out / name.split(" (")[0].replace(" ", "_")
-        if name == "full DMD":
-            lora = lora_full
-        else:
-            argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(run / "run"),
-                    "--regression.pairs_dir", str(pairs), "--data.prompts", str(prompts),
-                    "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite", *extra]
-            if args.steps:
-                argv += ["--train.max_steps", str(args.steps)]
-            train_text2image.main(argv)
-            lora = run / "run" / "final"
-        commands[name] = "python train_text2image.py --config configs/digits.yaml " + " ".join(extra)
-        measure(name, one_step(str(TEACHER_DIR), str(lora)), steps=1, guidance=0.0, timesteps=[999])
+    def measure_one(lora):
+        imgs, labels = sample_digits(one_step(str(TEACHER_DIR), None if lora is None else str(lora)),
+                                     args.curve_per_class, 10_000, steps=1, guidance=0.0, timesteps=[999])
+        return {k: v for k, v in digit_metrics(imgs, labels, clf).items() if k in keys}
 
-    grid_path = args.results.parent / "digits_variants.png"
-    save_grid(torch.cat(list(grids.values())), grid_path, nrow=10)
-    teacher = rows["teacher, 50 steps (PNDM, CFG 3)"]
-    full = rows["full DMD"]
+    measure(TEACHER_50, teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=GUIDANCE)
+    if GUIDANCE != 3:
+        measure(TEACHER_50_CFG3, teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=3.0)
+    measure(TEACHER_1, one_step(str(TEACHER_DIR), None), steps=1, guidance=GUIDANCE, timesteps=[999])
+    measure(TEACHER_1_NOCFG, one_step(str(TEACHER_DIR), None), steps=1, guidance=0.0, timesteps=[999])
+    start = measure_one(None)  # every curve's step 0: the generator's LoRA starts at zero
+    inputs = args.out / "inputs"
+    make_inputs(inputs, args.num_pairs)
+    commands = {}
+    names = args.variants or list(VARIANTS)
+    for name in names:
+        extra = VARIANTS[name]
+        run = args.out / re.sub(r"[^A-Za-z0-9]+", "_", name.split(" (")[0]).strip("_")
+        pairs = inputs / "pairs"
+        if "--dmd.real_guidance_scale" in extra:  # regression targets made with that guidance
+            g = float(extra[extra.index("--dmd.real_guidance_scale") + 1])
+            if g != GUIDANCE:
+                pairs = args.out / f"inputs_cfg{g:g}" / "pairs"
+                make_inputs(pairs.parent, args.num_pairs, guidance=g)
+        argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(run),
+                "--regression.pairs_dir", str(pairs), "--data.prompts", str(inputs / "prompts.txt"),
+                "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite",
+                "--checkpointing.every", str(args.curve_every), "--checkpointing.keep_last", "0", *extra]
+        if args.steps:
+            argv += ["--train.max_steps", str(args.steps)]
+        t = time.time()
+        train_text2image.main(argv)
+        times[name] = time.time() - t
+        commands[name] = "python train_text2image.py --config configs/digits.yaml " + " ".join(extra)
+        measure(name, one_step(str(TEACHER_DIR), str(run / "final")), steps=1, guidance=0.0, timesteps=[999])
+        curves[name] = [{"step": 0, **start}] + checkpoint_curve(run, measure_one)
+        print(name, "curve", curves[name], flush=True)
+
+    docs = args.results.parent
+    docs.mkdir(parents=True, exist_ok=True)
+    levels = {TEACHER_50: {k: rows[TEACHER_50][k][0] for k in keys},
+              TEACHER_1: {k: rows[TEACHER_1][k][0] for k in keys},
+              TEACHER_1_NOCFG: {k: rows[TEACHER_1_NOCFG][k][0] for k in keys}}
+    plot_curves(curves, levels, docs / "quality_curve.png")
+    # the picture: teacher rows next to student rows, the same noise and prompt in every column
+    order = [TEACHER_50, names[0], TEACHER_1_NOCFG, TEACHER_1, *names[1:]]
+    save_grid(torch.cat([grids[n] for n in order]), docs / "digits_variants.png", nrow=10)
+    write_results(args, rows, times, commands, names, order, t0)
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "times_s": times, "curves": curves}, indent=2))
+
+
+def write_results(args, rows, times, commands, names, order, t0):
+    teacher, one = rows[TEACHER_50], rows[TEACHER_1]
     lines = [
         "# Results: DMD variants on the digits teacher",
         "",
         f"Generated by `python benchmarks/digits_quality.py{' --steps ' + str(args.steps) if args.steps else ''}` "
         f"on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"{(time.time() - t0) / 60:.0f} min. Teacher: `sd_dmd/assets/digits_teacher` (32 px, latents 4x8x8). "
-        f"Pairs: {args.num_pairs} from the 50-step PNDM teacher at CFG 3 (`generate_pairs.py`). Distillation: "
+        f"{(time.time() - t0) / 60:.0f} min in all. Teacher: `sd_dmd/assets/digits_teacher` (32 px, latents 4x8x8). "
+        f"Pairs: {args.num_pairs} from the 50-step PNDM teacher at CFG {GUIDANCE:g} (`generate_pairs.py`). "
+        f"'x teacher' divides by the 50-step teacher at CFG {GUIDANCE:g}, the real score's guidance. Distillation: "
         "`configs/digits.yaml` with the overrides below. Evaluation: "
         f"{args.per_class} images per digit ('a handwritten digit k') per seed, seeds "
-        f"{[10_000 + s for s in args.eval_seeds]}; mean +- std over those {len(args.eval_seeds)} seeds (the models "
-        "are trained once).",
+        f"{[10_000 + s for s in args.eval_seeds]}; mean +- std over those {len(args.eval_seeds)} seeds (each model "
+        "is trained once). Every row uses the same noise per image.",
         "",
-        "| model | steps | digits-FID (lower is better) | prompt accuracy | coverage | overrides |",
-        "|---|---|---|---|---|---|",
+        "| model | sampling steps | digits-FID (lower is better) | x teacher | prompt accuracy | coverage | "
+        "x teacher | ms / image | training time | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        steps = 50 if "50 steps" in name else 1
-        lines.append(f"| {name} | {steps} | {r['digits_fid'][0]:.2f} +- {r['digits_fid'][1]:.2f} | "
-                     f"{r['prompt_accuracy'][0]:.3f} +- {r['prompt_accuracy'][1]:.3f} | "
-                     f"{r['coverage_mean'][0]:.3f} +- {r['coverage_mean'][1]:.3f} | "
-                     f"{'`' + ' '.join(VARIANTS[name]) + '`' if VARIANTS.get(name) else ''} |")
-    ratio = full["digits_fid"][0] / teacher["digits_fid"][0]
-    acc_gap = (teacher["prompt_accuracy"][0] - full["prompt_accuracy"][0]) * 100
+        steps = 50 if name.startswith("teacher, 50") else 1
+        ov = VARIANTS.get(name)
+        lines.append(
+            f"| {name} | {steps} | {r['digits_fid'][0]:.1f} +- {r['digits_fid'][1]:.1f} | "
+            f"{r['digits_fid'][0] / teacher['digits_fid'][0]:.2f} | "
+            f"{r['prompt_accuracy'][0]:.3f} +- {r['prompt_accuracy'][1]:.3f} | "
+            f"{r['coverage_mean'][0]:.3f} +- {r['coverage_mean'][1]:.3f} | "
+            f"{r['coverage_mean'][0] / teacher['coverage_mean'][0]:.2f} | {r['ms_per_image']:.1f} | "
+            f"{times[name] / 60:.1f} min | {'`' + ' '.join(ov) + '`' if ov else ''} |" if name in times else
+            f"| {name} | {steps} | {r['digits_fid'][0]:.1f} +- {r['digits_fid'][1]:.1f} | "
+            f"{r['digits_fid'][0] / teacher['digits_fid'][0]:.2f} | "
+            f"{r['prompt_accuracy'][0]:.3f} +- {r['prompt_accuracy'][1]:.3f} | "
+            f"{r['coverage_mean'][0]:.3f} +- {r['coverage_mean'][1]:.3f} | "
+            f"{r['coverage_mean'][0] / teacher['coverage_mean'][0]:.2f} | {r['ms_per_image']:.1f} | | |")
+    lines += ["", "## Targets (shipped recipe, one step)", ""]
+    if SHIPPED in rows:
+        s = rows[SHIPPED]
+        fid_x = s["digits_fid"][0] / teacher["digits_fid"][0]
+        cov_x = s["coverage_mean"][0] / teacher["coverage_mean"][0]
+        acc_gap = (teacher["prompt_accuracy"][0] - s["prompt_accuracy"][0]) * 100
+        lines += [
+            f"- digits-FID {s['digits_fid'][0]:.1f} = {fid_x:.2f}x the 50-step teacher's (target <= 1.3x): "
+            f"{'met' if fid_x <= 1.3 else 'missed'}",
+            f"- coverage {s['coverage_mean'][0]:.3f} = {cov_x:.2f}x the teacher's (target >= 0.8x): "
+            f"{'met' if cov_x >= 0.8 else 'missed'}",
+            f"- prompt accuracy {acc_gap:+.1f} points below the teacher (target within 2): "
+            f"{'met' if abs(acc_gap) <= 2 else 'missed'}",
+            f"- better than the 1-step teacher (CFG {GUIDANCE:g}): {s['digits_fid'][0] < one['digits_fid'][0]}; than G at step 0 "
+            f"(1 step, no CFG): {s['digits_fid'][0] < rows[TEACHER_1_NOCFG]['digits_fid'][0]}",
+        ]
+        for other in ("regression only", "DMD: distribution matching + regression"):
+            if other in rows:
+                lines.append(f"- Table 2 ordering, shipped < {other}: "
+                             f"{s['digits_fid'][0] < rows[other]['digits_fid'][0]} "
+                             f"({s['digits_fid'][0]:.1f} vs {rows[other]['digits_fid'][0]:.1f})")
     lines += [
         "",
-        "## Targets",
+        "![quality curve](quality_curve.png)",
         "",
-        f"- full DMD digits-FID / 50-step teacher = {ratio:.2f} (target <= 1.3): "
-        f"{'met' if ratio <= 1.3 else 'missed'}",
-        f"- prompt accuracy gap to the teacher = {acc_gap:.1f} points (target <= 5): "
-        f"{'met' if acc_gap <= 5 else 'missed'}",
-        f"- full DMD better than the 1-step teacher: "
-        f"{full['digits_fid'][0] < rows['teacher, 1 step (CFG 3)']['digits_fid'][0]}; better than regression only: "
-        f"{full['digits_fid'][0] < rows['regression only']['digits_fid'][0]}",
+        "`quality_curve.png`: digits-FID and coverage of every checkpoint's generator (one seed, "
+        f"{args.curve_per_class} images per digit), with the teacher's levels as lines.",
         "",
-        f"![samples]({grid_path.name})",
+        "![samples](digits_variants.png)",
         "",
-        "Rows of the picture, top to bottom: " + ", ".join(grids) + " (one image per digit 0-9 each).",
+        "Rows of the picture, top to bottom: " + "; ".join(order) + " (one image per digit 0-9; the same noise and "
+        "prompt in each column).",
         "",
         "Commands:",
         "",
@@ -131,9 +238,7 @@ def main():
         *[f"{k}: {v}" for k, v in commands.items()],
         "```",
     ]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
 
 

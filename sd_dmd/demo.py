@@ -13,8 +13,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0) -> None:
-    """``out/prompts.txt`` and the teacher's pairs ``out/pairs`` (what configs/digits.yaml reads from demo_out/)."""
+def _shipped() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+
+
+def shipped_guidance() -> float:
+    """The real score's CFG scale in configs/digits.yaml: the pairs and the teacher rows use the same."""
+    return float(_shipped()["dmd"]["real_guidance_scale"])
+
+
+def shipped_uses_pairs() -> bool:
+    """Whether configs/digits.yaml trains with the regression loss (DMD) or without (DMD2-style)."""
+    return _shipped()["regression"]["loss"] != "none"
+
+
+def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0, guidance: float | None = None) -> None:
+    """``out/prompts.txt`` and the teacher's pairs ``out/pairs`` (what configs/digits.yaml reads from demo_out/),
+    made with the real score's guidance (``shipped_guidance()`` unless given). ``num_pairs=0``: prompts only."""
     import generate_pairs
 
     from .digits import TEACHER_DIR
@@ -22,9 +39,12 @@ def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     write_prompt_file(out / "prompts.txt", n_per_class=100, seed=seed)
+    if num_pairs == 0:
+        return
     generate_pairs.main(["--prompts", str(out / "prompts.txt"), "--pretrained_model_name_or_path", str(TEACHER_DIR),
                          "--output_dir", str(out / "pairs"), "--num_pairs", str(num_pairs), "--resolution", "32",
-                         "--guidance_scale", "3", "--num_inference_steps", "50", "--batch_size", "100",
+                         "--guidance_scale", str(shipped_guidance() if guidance is None else guidance),
+                         "--num_inference_steps", "50", "--batch_size", "100",
                          "--shard_size", "100", "--seed", str(seed)])
 
 
@@ -44,49 +64,85 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
     return out / "run" / "final"
 
 
-def evaluate_lora(lora: Path | None, n_per_class: int, seed: int):
+def evaluate_lora(lora: Path | None, n_per_class: int, seed: int, teacher_steps: int | None = None):
+    """Images, labels and metrics of the distilled one-step LoRA, or of the teacher (``lora=None``) at one step
+    (``teacher_steps=None``, on the LoRA's LCM pipeline) or at ``teacher_steps`` PNDM steps (what the pairs are
+    made with), both with the real score's guidance (``shipped_guidance()``). ``ms_per_image`` is included."""
     from .digits import TEACHER_DIR
     from .digits.evaluate import digit_metrics
-    from .digits.sampling import one_step, sample_digits
+    from .digits.sampling import one_step, sample_digits, teacher_pipeline
 
-    pipe = one_step(str(TEACHER_DIR), None if lora is None else str(lora))
-    if lora is None:  # the undistilled teacher, one step, with the real score's CFG
-        images, labels = sample_digits(pipe, n_per_class, seed, steps=1, guidance=3.0, timesteps=[999])
+    t0 = time.perf_counter()
+    if teacher_steps is not None:
+        pipe = teacher_pipeline(str(TEACHER_DIR))
+        images, labels = sample_digits(pipe, n_per_class, seed, steps=teacher_steps, guidance=shipped_guidance())
     else:
-        images, labels = sample_digits(pipe, n_per_class, seed, steps=1, guidance=0.0, timesteps=[999])
-    return images, labels, digit_metrics(images, labels)
+        pipe = one_step(str(TEACHER_DIR), None if lora is None else str(lora))
+        guidance = shipped_guidance() if lora is None else 0.0
+        images, labels = sample_digits(pipe, n_per_class, seed, steps=1, guidance=guidance, timesteps=[999])
+    ms = (time.perf_counter() - t0) * 1000 / len(images)
+    return images, labels, {**digit_metrics(images, labels), "ms_per_image": round(ms, 2)}
+
+
+def by_rows(images, n_per_class: int):
+    """sample_digits' order (all 0s, then all 1s, ...) -> rows of digits 0-9, one row per noise draw."""
+    return images.view(10, n_per_class, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
+
+
+def comparison_grid(lora: Path, path: Path, n_rows: int = 4, seed: int = 2) -> None:
+    """Rows in pairs: the 50-step teacher, then the one-step student on the same prompts (digits 0-9)."""
+    import torch
+
+    from .digits.sampling import save_grid
+
+    teacher, _, _ = evaluate_lora(None, n_rows, seed, teacher_steps=50)
+    student, _, _ = evaluate_lora(lora, n_rows, seed)
+    t, s = by_rows(teacher, n_rows), by_rows(student, n_rows)
+    rows = [r for i in range(n_rows) for r in (t[i * 10:(i + 1) * 10], s[i * 10:(i + 1) * 10])]
+    save_grid(torch.cat(rows), path, nrow=10)
+
+
+def table(metrics: dict) -> str:
+    base = metrics["teacher_50_steps"]["ms_per_image"]
+    lines = [f"{'':28s} {'steps':>5s} {'digits-FID':>10s} {'coverage':>8s} {'accuracy':>8s} {'ms/image':>8s} "
+             f"{'speed-up':>8s}"]
+    for name, steps in (("teacher_50_steps", 50), ("teacher_one_step", 1), ("distilled_one_step", 1)):
+        m = metrics[name]
+        lines.append(f"{name:28s} {steps:5d} {m['digits_fid']:10.1f} {m['coverage_mean']:8.3f} "
+                     f"{m['prompt_accuracy']:8.3f} {m['ms_per_image']:8.2f} {base / m['ms_per_image']:7.1f}x")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--num_pairs", type=int, default=500)
+    p.add_argument("--num_pairs", type=int, default=None,
+                   help="teacher pairs to make (default: 500 when configs/digits.yaml uses regression, else 0; "
+                        "--inputs_only: 500)")
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/digits.yaml)")
-    p.add_argument("--eval_per_class", type=int, default=100)
+    p.add_argument("--eval_per_class", type=int, default=50, help="images per digit for every row of the table")
     p.add_argument("--inputs_only", action="store_true",
                    help="only write OUT/prompts.txt and OUT/pairs (the inputs configs/digits.yaml names), then stop")
     args = p.parse_args(argv)
     if args.inputs_only:
-        make_inputs(args.out, args.num_pairs)
+        make_inputs(args.out, 500 if args.num_pairs is None else args.num_pairs)
         print(f"wrote {args.out / 'prompts.txt'} and {args.out / 'pairs'}")
         return
-    from .digits.sampling import save_grid
-
     t0 = time.time()
-    lora = run_chain(args.out, args.num_pairs, args.steps)
-    images, _, distilled = evaluate_lora(lora, args.eval_per_class, seed=1)
-    _, _, one_step_teacher = evaluate_lora(None, args.eval_per_class, seed=1)
-    grid_images, _, _ = evaluate_lora(lora, 8, seed=2)
-    save_grid(grid_images, args.out / "one_step_grid.png", nrow=8)
-    metrics = {"distilled_one_step": distilled, "teacher_one_step": one_step_teacher,
-               "lora": str(lora), "seconds": round(time.time() - t0, 1)}
+    num_pairs = args.num_pairs if args.num_pairs is not None else 500 if shipped_uses_pairs() else 0
+    lora = run_chain(args.out, num_pairs, args.steps)
+    n = args.eval_per_class
+    metrics = {"teacher_50_steps": evaluate_lora(None, n, seed=1, teacher_steps=50)[2],
+               "teacher_one_step": evaluate_lora(None, n, seed=1)[2],
+               "distilled_one_step": evaluate_lora(lora, n, seed=1)[2]}
+    grid = args.out / "one_step_grid.png"
+    comparison_grid(lora, grid)
+    metrics.update(lora=str(lora), images_per_model=10 * n, seconds=round(time.time() - t0, 1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print("\n              digits-FID  prompt-acc  coverage")
-    for name in ("teacher_one_step", "distilled_one_step"):
-        m = metrics[name]
-        print(f"{name:20s} {m['digits_fid']:9.2f}  {m['prompt_accuracy']:9.3f}  {m['coverage_mean']:8.3f}")
-    print(f"\nLoRA: {lora}\nGrid (rows = digits 0-9, one step each): {args.out / 'one_step_grid.png'}\n"
-          f"Metrics: {args.out / 'metrics.json'}   ({metrics['seconds']:.0f}s in all)")
+    print("\n" + table(metrics))
+    print(f"\nLoRA: {lora}\nGrid (digits 0-9 in columns; rows in pairs: 50-step teacher, then the one-step "
+          f"student on the same prompt): {grid}\nMetrics: {args.out / 'metrics.json'}   "
+          f"({metrics['seconds']:.0f}s in all)")
 
 
 if __name__ == "__main__":

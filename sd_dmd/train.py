@@ -299,6 +299,10 @@ class Trainer:
 
                 save_file({f"{i}": p.contiguous() for i, p in enumerate(self.ema.shadow_params)},
                           str(tmp / "ema_generator.safetensors"))
+                self.ema.store(self.gen_params)  # the EMA weights as a LoRA diffusers loads (what final/ gets)
+                self.ema.copy_to(self.gen_params)
+                save_lora(self.model, tmp / "generator_ema", GENERATOR)
+                self.ema.restore(self.gen_params)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "num_processes": acc.num_processes,

@@ -57,6 +57,14 @@ def test_adamw8bit_ema_ttur_bf16_resume_is_bit_exact(setup, tmp_path, fresh_acce
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(x, y) for x, y in zip(straight.ema.shadow_params, resumed.ema.shadow_params))
     assert resumed.ema.optimization_step == straight.ema.optimization_step == 4
+    # each checkpoint also holds the EMA generator as a LoRA diffusers loads: final/ is the last one's EMA
+    from safetensors.torch import load_file
+
+    ema_lora = load_file(str(tmp_path / "a" / "checkpoint-4" / "generator_ema" / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors"))
+    raw = load_file(str(tmp_path / "a" / "checkpoint-4" / "generator" / "pytorch_lora_weights.safetensors"))
+    assert ema_lora.keys() == final.keys() and all(torch.equal(ema_lora[k], final[k]) for k in final)
+    assert any(not torch.equal(ema_lora[k], raw[k]) for k in raw)
 
 
 # ----- item 4: precision is what the user asked for ----------------------------------------------------
