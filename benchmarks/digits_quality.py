@@ -37,8 +37,8 @@ SHIPPED = "shipped recipe (configs/digits.yaml)"
 # name -> overrides on top of configs/digits.yaml; the shipped recipe is the first
 VARIANTS = {
     SHIPPED: [],
-    "regression only": ["--dmd.dm_weight", "0", "--regression.loss", "l2"],
-    "DMD: distribution matching + regression": ["--regression.loss", "l2"],
+    "distribution matching only (DMD2-style)": ["--regression.loss", "none"],
+    "regression only": ["--dmd.dm_weight", "0"],
     "the recipe before issue 15": [
         "--optim.lr_generator", "1e-3", "--optim.lr_fake", "1e-3", "--dmd.fake_updates_per_step", "1",
         "--dmd.fake_loss_weighting", "eps", "--train.max_steps", "400", "--regression.weight", "0.25",
@@ -53,6 +53,31 @@ def checkpoint_curve(run: Path, measure_one) -> list[dict]:
 
     return [{"step": step, **measure_one(path / "generator_ema" if (path / "generator_ema").exists()
                                           else path / "generator")} for step, path in list_checkpoints(run)]
+
+
+def finished_with_same_config(run: Path, argv: list[str]) -> bool:
+    """``run`` holds a finished training whose saved config equals what ``argv`` resolves to (output_dir aside)."""
+    from sd_dmd.config import load_config, to_dict
+    from sd_dmd.train_config import Config
+
+    if not ((run / "final" / "pytorch_lora_weights.safetensors").exists() and seconds_file(run).exists()
+            and (run / "config.yaml").exists()):
+        return False
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    want = flat(to_dict(load_config(Config, [a for a in argv if a != "--overwrite"])[0]))
+    have = flat(to_dict(load_config(Config, ["--config", str(run / "config.yaml")])[0]))
+    # output_dir differs by design; "auto" values (precision) are saved resolved
+    return all(want[k] == have.get(k) for k in want if k != "output_dir" and want[k] != "auto")
+
+
+def seconds_file(run: Path) -> Path:
+    return run.parent / f"{run.name}.train_seconds.json"
 
 
 def plot_curves(curves: dict, levels: dict, path: Path) -> None:
@@ -90,6 +115,10 @@ def main():
     p.add_argument("--curve_per_class", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=None, help="names of the variants to run (default: all)")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep what OUT already holds: teacher rows measured with the same seeds and image count, and "
+                        "variants whose finished run has the same resolved config (training is deterministic, so a "
+                        "rerun would repeat it); everything else is measured again")
     args = p.parse_args()
     import train_text2image
 
@@ -102,6 +131,26 @@ def main():
     clf = load_classifier()
     rows, grids, times, curves = {}, {}, {}, {}
     keys = ("digits_fid", "prompt_accuracy", "coverage_mean")
+
+    cache_file = args.out / "teacher_rows.json"
+    cache = json.loads(cache_file.read_text()) if args.reuse and cache_file.exists() else {}
+    cache_key = f"seeds={args.eval_seeds} per_class={args.per_class}"
+
+    def measure_teacher(name, make_pipe, **kw):
+        """The teacher rows take most of the benchmark's evaluation time (3000 images at 50 steps)."""
+        from safetensors.torch import load_file, save_file
+
+        hit = cache.get(name, {})
+        if hit.get("key") == cache_key and (args.out / "teacher_grids.safetensors").exists():
+            rows[name] = hit["row"]
+            grids[name] = load_file(str(args.out / "teacher_grids.safetensors"))[name]
+            print(name, "(reused)", rows[name], flush=True)
+            return
+        measure(name, make_pipe(), **kw)
+        cache[name] = {"key": cache_key, "row": rows[name]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1))
+        save_file({k: v.contiguous() for k, v in grids.items() if k in cache}, str(args.out / "teacher_grids.safetensors"))
 
     def measure(name, pipe, **kw):
         ms, t = [], time.time()
@@ -119,9 +168,9 @@ def main():
                                      args.curve_per_class, 10_000, steps=1, guidance=0.0, timesteps=[999])
         return {k: v for k, v in digit_metrics(imgs, labels, clf).items() if k in keys}
 
-    measure(TEACHER_50, teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=GUIDANCE)
+    measure_teacher(TEACHER_50, lambda: teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=GUIDANCE)
     if GUIDANCE != 3:
-        measure(TEACHER_50_CFG3, teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=3.0)
+        measure_teacher(TEACHER_50_CFG3, lambda: teacher_pipeline(str(TEACHER_DIR)), steps=50, guidance=3.0)
     measure(TEACHER_1, one_step(str(TEACHER_DIR), None), steps=1, guidance=GUIDANCE, timesteps=[999])
     measure(TEACHER_1_NOCFG, one_step(str(TEACHER_DIR), None), steps=1, guidance=0.0, timesteps=[999])
     start = measure_one(None)  # every curve's step 0: the generator's LoRA starts at zero
@@ -144,9 +193,14 @@ def main():
                 "--checkpointing.every", str(args.curve_every), "--checkpointing.keep_last", "0", *extra]
         if args.steps:
             argv += ["--train.max_steps", str(args.steps)]
-        t = time.time()
-        train_text2image.main(argv)
-        times[name] = time.time() - t
+        if args.reuse and finished_with_same_config(run, argv):
+            times[name] = json.loads(seconds_file(run).read_text())["seconds"]
+            print(f"{name}: reusing the finished run in {run} (same resolved config)", flush=True)
+        else:
+            t = time.time()
+            train_text2image.main(argv)
+            times[name] = time.time() - t
+            seconds_file(run).write_text(json.dumps({"seconds": times[name]}))
         commands[name] = "python train_text2image.py --config configs/digits.yaml " + " ".join(extra)
         measure(name, one_step(str(TEACHER_DIR), str(run / "final")), steps=1, guidance=0.0, timesteps=[999])
         curves[name] = [{"step": 0, **start}] + checkpoint_curve(run, measure_one)
@@ -167,12 +221,19 @@ def main():
 
 def write_results(args, rows, times, commands, names, order, t0):
     teacher, one = rows[TEACHER_50], rows[TEACHER_1]
+    full = args.out / "full_run_minutes.json"
+    if not args.reuse:
+        full.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
+    reused = (f" (with --reuse: the trained runs and the 50-step teacher rows came from the full run in {args.out}, "
+              f"which took {json.loads(full.read_text())['minutes']:.0f} min; every one-step row, the curves and the "
+              "pictures were measured again)" if args.reuse and full.exists() else "")
     lines = [
         "# Results: DMD variants on the digits teacher",
         "",
-        f"Generated by `python benchmarks/digits_quality.py{' --steps ' + str(args.steps) if args.steps else ''}` "
+        f"Generated by `python benchmarks/digits_quality.py{' --steps ' + str(args.steps) if args.steps else ''}"
+        f"{' --reuse' if args.reuse else ''}` "
         f"on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"{(time.time() - t0) / 60:.0f} min in all. Teacher: `sd_dmd/assets/digits_teacher` (32 px, latents 4x8x8). "
+        f"{(time.time() - t0) / 60:.0f} min in all{reused}. Teacher: `sd_dmd/assets/digits_teacher` (32 px, latents 4x8x8). "
         f"Pairs: {args.num_pairs} from the 50-step PNDM teacher at CFG {GUIDANCE:g} (`generate_pairs.py`). "
         f"'x teacher' divides by the 50-step teacher at CFG {GUIDANCE:g}, the real score's guidance. Distillation: "
         "`configs/digits.yaml` with the overrides below. Evaluation: "
@@ -215,7 +276,7 @@ def write_results(args, rows, times, commands, names, order, t0):
             f"- better than the 1-step teacher (CFG {GUIDANCE:g}): {s['digits_fid'][0] < one['digits_fid'][0]}; than G at step 0 "
             f"(1 step, no CFG): {s['digits_fid'][0] < rows[TEACHER_1_NOCFG]['digits_fid'][0]}",
         ]
-        for other in ("regression only", "DMD: distribution matching + regression"):
+        for other in ("distribution matching only (DMD2-style)", "regression only"):
             if other in rows:
                 lines.append(f"- Table 2 ordering, shipped < {other}: "
                              f"{s['digits_fid'][0] < rows[other]['digits_fid'][0]} "

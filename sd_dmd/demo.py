@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_STEPS = 300
 
 
 def _shipped() -> dict:
@@ -64,10 +65,12 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
     return out / "run" / "final"
 
 
-def evaluate_lora(lora: Path | None, n_per_class: int, seed: int, teacher_steps: int | None = None):
+def evaluate_lora(lora: Path | None, n_per_class: int, seed: int, teacher_steps: int | None = None,
+                  guidance: float | None = None):
     """Images, labels and metrics of the distilled one-step LoRA, or of the teacher (``lora=None``) at one step
     (``teacher_steps=None``, on the LoRA's LCM pipeline) or at ``teacher_steps`` PNDM steps (what the pairs are
-    made with), both with the real score's guidance (``shipped_guidance()``). ``ms_per_image`` is included."""
+    made with), both with the real score's guidance (``shipped_guidance()``) unless ``guidance`` is given:
+    ``lora=None, guidance=0`` is the generator before training. ``ms_per_image`` is included."""
     from .digits import TEACHER_DIR
     from .digits.evaluate import digit_metrics
     from .digits.sampling import one_step, sample_digits, teacher_pipeline
@@ -75,10 +78,12 @@ def evaluate_lora(lora: Path | None, n_per_class: int, seed: int, teacher_steps:
     t0 = time.perf_counter()
     if teacher_steps is not None:
         pipe = teacher_pipeline(str(TEACHER_DIR))
-        images, labels = sample_digits(pipe, n_per_class, seed, steps=teacher_steps, guidance=shipped_guidance())
+        g = shipped_guidance() if guidance is None else guidance
+        images, labels = sample_digits(pipe, n_per_class, seed, steps=teacher_steps, guidance=g)
     else:
         pipe = one_step(str(TEACHER_DIR), None if lora is None else str(lora))
-        guidance = shipped_guidance() if lora is None else 0.0
+        if guidance is None:
+            guidance = shipped_guidance() if lora is None else 0.0
         images, labels = sample_digits(pipe, n_per_class, seed, steps=1, guidance=guidance, timesteps=[999])
     ms = (time.perf_counter() - t0) * 1000 / len(images)
     return images, labels, {**digit_metrics(images, labels), "ms_per_image": round(ms, 2)}
@@ -119,7 +124,9 @@ def main(argv=None):
     p.add_argument("--num_pairs", type=int, default=None,
                    help="teacher pairs to make (default: 500 when configs/digits.yaml uses regression, else 0; "
                         "--inputs_only: 500)")
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/digits.yaml)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS,
+                   help="distillation steps (configs/digits.yaml trains 400; the demo stops at 300 to fit 10 minutes "
+                        "on 2 cores, install included)")
     p.add_argument("--eval_per_class", type=int, default=50, help="images per digit for every row of the table")
     p.add_argument("--inputs_only", action="store_true",
                    help="only write OUT/prompts.txt and OUT/pairs (the inputs configs/digits.yaml names), then stop")

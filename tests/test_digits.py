@@ -38,15 +38,18 @@ def test_frechet_and_coverage_known_answers():
 
 @pytest.fixture(scope="module")
 def short_chain(tmp_path_factory):
-    """A short run of the demo chain: pairs -> train_text2image.py -> fresh pipeline -> metrics."""
+    """A short run of the demo chain: prompts -> train_text2image.py -> fresh pipeline -> metrics; with the one-step
+    teacher (the real score's CFG) and the generator before training (its LoRA is zero: the teacher at one step
+    without CFG) on the same noise."""
     from sd_dmd.demo import evaluate_lora, run_chain
 
     out = tmp_path_factory.mktemp("digits")
     lora = run_chain(out, num_pairs=0, steps=CI_STEPS, extra=CI_OVERRIDES)
     _, _, distilled = evaluate_lora(lora, n_per_class=30, seed=1)
     _, _, teacher = evaluate_lora(None, n_per_class=30, seed=1)
-    print(json.dumps({"distilled": distilled, "teacher_one_step": teacher}, indent=1))
-    return distilled, teacher
+    _, _, start = evaluate_lora(None, n_per_class=30, seed=1, guidance=0.0)
+    print(json.dumps({"distilled": distilled, "teacher_one_step": teacher, "generator_at_step_0": start}, indent=1))
+    return distilled, teacher, start
 
 
 # distribution matching alone (no regression): a broken DM loss then cannot hide behind the regression term
@@ -55,12 +58,15 @@ CI_OVERRIDES = ["--regression.loss", "none", "--checkpointing.every", "0"]
 
 
 def test_distilled_beats_one_step_teacher(short_chain):
-    distilled, teacher = short_chain
+    distilled, teacher, _ = short_chain
     assert distilled["digits_fid"] < 0.8 * teacher["digits_fid"], (distilled, teacher)
 
 
-def test_distilled_keeps_its_diversity(short_chain):
-    """A mode-collapsed generator can still beat the blurry one-step teacher on FID; coverage cannot hide it
-    (the one-step teacher: ~0.07; the first, collapsing recipe reached 0.09 with distribution matching alone)."""
-    distilled, teacher = short_chain
-    assert distilled["coverage_mean"] >= 2 * teacher["coverage_mean"], (distilled, teacher)
+def test_distilled_improves_on_its_start_and_keeps_its_diversity(short_chain):
+    """The generator starts as the one-step teacher without CFG (digits-FID ~240, coverage ~0.44 on 3000 images):
+    already far better than the one-step teacher with CFG, so beating the latter alone proves little. Training must
+    improve on the start, and coverage must not collapse (the recipe before issue 15 fell to 0.09 with distribution
+    matching alone, 0.2x its start; the shipped recipe ends at 1.15x)."""
+    distilled, _, start = short_chain
+    assert distilled["digits_fid"] < 0.9 * start["digits_fid"], (distilled, start)
+    assert distilled["coverage_mean"] >= 0.75 * start["coverage_mean"], (distilled, start)
