@@ -211,8 +211,12 @@ def check_same_store(existing: dict, wanted: dict, where: Path, prompts: Optiona
     return new_n > old_n
 
 
+# Pairs per parquet row group: the unit a reader fetches for one pair (512 KiB at SD1.5's 4x64x64 fp16 latents).
+ROW_GROUP_ROWS = 16
+
+
 def write_shard(path: Path, rows: dict) -> None:
-    """Write one shard atomically (temp file + fsync + rename)."""
+    """Write one shard atomically (temp file + fsync + rename), in row groups of :data:`ROW_GROUP_ROWS`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -220,7 +224,7 @@ def write_shard(path: Path, rows: dict) -> None:
                       "seed": pa.array(rows["seed"], pa.int64()), "noise_sha1": pa.array(rows["noise_sha1"], pa.string()),
                       "latent": pa.array(rows["latent"], pa.binary())})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
     _atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
@@ -242,39 +246,58 @@ class PairsStats:
 
 
 class PairsStore:
-    """Reader for training: verifies the manifest and regenerates (and can verify) each pair's noise."""
+    """Reader for training: verifies the manifest, reads each batch's rows from disk, regenerates (and can verify)
+    each pair's noise.
+
+    Nothing but a row -> (shard, row group, offset) map is held in memory (16 bytes a pair): a batch reads only the
+    parquet row groups that hold its rows (``pyarrow.parquet.ParquetFile.read_row_group``; shards are written in
+    groups of :data:`ROW_GROUP_ROWS` pairs), so resident memory stays flat as the store grows. Stores written before
+    row groups were small (one group a shard) read the same, a whole shard per touched row.
+    """
+
+    _COLUMNS = ["prompt", "seed", "noise_sha1", "latent"]
 
     def __init__(self, path: str | Path, require_complete: bool = True):
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest
         self.latent_shape = tuple(m["latent_shape"])
+        self._latent_bytes = int(np.prod(self.latent_shape)) * np.dtype(np.float16).itemsize
         n_shards = math.ceil(m["num_pairs"] / m["shard_size"])
-        tables = []
+        self._shards: list[Path] = []
+        self._group_starts: list[np.ndarray] = []  # first row of each row group, per shard
+        indices, shard_of, row_of = [], [], []
         for k in range(n_shards):
             p = shard_path(self.path, k)
-            if p.exists():
-                try:
-                    tables.append(pq.read_table(p, columns=["index", "prompt", "seed", "noise_sha1", "latent"]))
-                except Exception as e:
-                    raise PairsError(f"{p}: unreadable shard ({type(e).__name__})") from None
-            elif require_complete:
-                raise PairsError(f"{self.path}: incomplete store, {p.name} is missing; re-run generate_pairs.py "
-                                 "with the same arguments to finish it")
-        if not tables:
+            if not p.exists():
+                if require_complete:
+                    raise PairsError(f"{self.path}: incomplete store, {p.name} is missing; re-run generate_pairs.py "
+                                     "with the same arguments to finish it")
+                continue
+            try:
+                pf = pq.ParquetFile(p)
+                missing = {"index", *self._COLUMNS} - set(pf.schema_arrow.names)
+                if missing:
+                    raise PairsError(f"{p}: shard lacks column(s) {sorted(missing)}")
+                idx = pf.read(columns=["index"]).column("index").to_numpy()
+                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            except PairsError:
+                raise
+            except Exception as e:
+                raise PairsError(f"{p}: unreadable shard ({type(e).__name__}: {e})") from None
+            indices.append(idx)
+            shard_of.append(np.full(len(idx), len(self._shards), np.int32))
+            row_of.append(np.arange(len(idx), dtype=np.int32))
+            self._shards.append(p)
+            self._group_starts.append(np.cumsum([0] + sizes[:-1]))
+        if not self._shards:
             raise PairsError(f"{self.path}: store has no shards")
-        t = pa.concat_tables(tables)
-        order = np.argsort(t.column("index").to_numpy())
-        self.indices = t.column("index").to_numpy()[order]
-        self.prompts = [t.column("prompt")[int(i)].as_py() for i in order]
-        self.seeds = t.column("seed").to_numpy()[order]
-        self.digests = [t.column("noise_sha1")[int(i)].as_py() for i in order]
-        lat = t.column("latent").to_pylist()
-        n = int(np.prod(self.latent_shape))
-        self._latents = np.stack([np.frombuffer(lat[int(i)], dtype=np.float16, count=n) for i in order])
+        order = np.argsort(np.concatenate(indices), kind="stable")
+        self.indices = np.concatenate(indices)[order]
+        self._shard_of = np.concatenate(shard_of)[order]
+        self._row_of = np.concatenate(row_of)[order]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -288,23 +311,68 @@ class PairsStore:
             raise PairsError(f"{self.path}: pairs are at resolution {self.manifest['resolution']}, "
                              f"training runs at {resolution}")
 
+    def rows(self, rows: Sequence[int]) -> dict:
+        """Columns ``prompt``, ``seed``, ``noise_sha1`` (lists) and ``latent`` (fp16 array, N x C x H x W) of the
+        given row positions (0 <= row < len(self), in index order), read from the row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        rows = [int(r) for r in rows]
+        for r in rows:
+            if not 0 <= r < len(self):
+                raise IndexError(f"{self.path}: row {r} out of range (store holds {len(self)} pairs)")
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for j, r in enumerate(rows):
+            s, row = int(self._shard_of[r]), int(self._row_of[r])
+            g = int(np.searchsorted(self._group_starts[s], row, side="right") - 1)
+            by_group.setdefault((s, g), []).append(j)
+        out = {"prompt": [None] * len(rows), "seed": [0] * len(rows), "noise_sha1": [None] * len(rows)}
+        latent = np.empty((len(rows), *self.latent_shape), np.float16)
+        for s in sorted({s for s, _ in by_group}):
+            path = self._shards[s]
+            try:
+                pf = pq.ParquetFile(path)
+                for g in sorted(g for t, g in by_group if t == s):
+                    table = pf.read_row_group(g, columns=self._COLUMNS)
+                    for j in by_group[(s, g)]:
+                        at = int(self._row_of[rows[j]] - self._group_starts[s][g])
+                        out["prompt"][j] = table.column("prompt")[at].as_py()
+                        out["seed"][j] = table.column("seed")[at].as_py()
+                        out["noise_sha1"][j] = table.column("noise_sha1")[at].as_py()
+                        buf = table.column("latent")[at].as_buffer()
+                        if buf.size != self._latent_bytes:
+                            raise PairsError(f"{path}: pair {int(self.indices[rows[j]])} holds {buf.size} latent "
+                                             f"bytes, the manifest's shape {list(self.latent_shape)} needs "
+                                             f"{self._latent_bytes}")
+                        latent[j] = np.frombuffer(buf, np.float16).reshape(self.latent_shape)
+            except PairsError:
+                raise
+            except Exception as e:
+                raise PairsError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        out["latent"] = latent
+        return out
+
     def latents(self, rows: Sequence[int]) -> torch.Tensor:
         """Teacher latents (fp32) of the given row positions."""
-        return torch.from_numpy(self._latents[list(rows)].astype(np.float32)).reshape(len(rows), *self.latent_shape)
+        return torch.from_numpy(self.rows(rows)["latent"].astype(np.float32))
 
     def noise(self, rows: Sequence[int], verify: bool = False) -> torch.Tensor:
+        return self._noise(rows, self.rows(rows), verify)
+
+    def _noise(self, rows: Sequence[int], cols: dict, verify: bool) -> torch.Tensor:
         out = []
-        for r in rows:
-            z = pair_noise(int(self.seeds[r]), self.latent_shape)
-            if verify and noise_digest(z) != self.digests[r]:
+        for j, r in enumerate(rows):
+            z = pair_noise(int(cols["seed"][j]), self.latent_shape)
+            if verify and noise_digest(z) != cols["noise_sha1"][j]:
                 raise PairsError(f"{self.path}: regenerated noise of pair {int(self.indices[r])} does not match "
                                  "its stored digest (different torch RNG?)")
             out.append(z)
         return torch.stack(out)
 
     def batch(self, rows: Sequence[int], verify: bool = False):
-        """(noise z_ref, teacher latents y_ref, prompts) for ``rows``."""
-        return self.noise(rows, verify), self.latents(rows), [self.prompts[r] for r in rows]
+        """(noise z_ref, teacher latents y_ref, prompts) for ``rows``: one read of the row groups that hold them."""
+        cols = self.rows(rows)
+        return (self._noise(rows, cols, verify), torch.from_numpy(cols["latent"].astype(np.float32)),
+                cols["prompt"])
 
 
 def manifest_for(cfg, identity: dict, prompts: list[str], prompt_files: list[str], latent_shape) -> dict:

@@ -64,6 +64,12 @@ def _decoder(cfg: Config, model: DMDModel, device):
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
 
 
+def resume_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of process ``rank``'s streams after a resume at ``step`` on another process count: a function of
+    (seed, step, rank) only, so every rank of every re-launch derives the same, distinct streams."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 def _add_mean(total: dict, stats: dict, n: int) -> None:
     """Accumulate one of ``n`` micro-batches' stats into their mean."""
     for k, v in stats.items():
@@ -150,6 +156,9 @@ class Trainer:
         self.history: list[dict] = []
         self.saved_step = None  # step of the last checkpoint written
         self.stop_signal = None  # set by the SIGTERM/SIGINT handler
+
+    def _samples_per_step_per_process(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
 
     # ----- sampling ---------------------------------------------------------------------------------
     def _randn(self, n: int) -> torch.Tensor:
@@ -322,9 +331,6 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / ckpt.STATE_FILE).read_text())
-        if state["num_processes"] != self.acc.num_processes:
-            raise TrainingError(f"{path}: saved with {state['num_processes']} processes, resuming with "
-                                f"{self.acc.num_processes}; per-process RNG streams would not continue")
         load_adapter(self.model, GENERATOR, path / "generator")
         load_adapter(self.model, FAKE, path / "fake")
         ckpt.load_optimizer(self.opt_g.optimizer, path / "optimizer_generator")
@@ -340,11 +346,22 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(saved[str(i)])
             self.ema.optimization_step = state["ema_optimization_step"]
-        ckpt.load_rng(self.rng, path / f"rng-{self.acc.process_index}.safetensors")
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.history = state["history"]
-        self.log(f"resumed from {path} at step {self.step}")
+        saved_n, n = state["num_processes"], self.acc.num_processes
+        if saved_n == n:  # the same streams continue: bit-exact with a run that was never stopped
+            ckpt.load_rng(self.rng, path / f"rng-{self.acc.process_index}.safetensors")
+            self.log(f"resumed from {path} at step {self.step}")
+        else:  # a preempted cluster came back with another GPU count: fresh streams, derived, never reused
+            seed = resume_seed(self.cfg.train.seed, self.step, self.acc.process_index)
+            self.rng.manual_seed(seed)
+            torch.manual_seed(seed)
+            note = (f"resumed at step {self.step} on {n} process(es), saved with {saved_n}: per-process RNG streams "
+                    f"re-seeded from (seed {self.cfg.train.seed}, step {self.step}, rank); global batch "
+                    f"{saved_n * self._samples_per_step_per_process()} -> {n * self._samples_per_step_per_process()}")
+            self.history.append({"step": self.step, "note": note})
+            self.log(f"resumed from {path}; {note}")
 
     # ----- validation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -471,6 +488,8 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     """``final/README.md``: teacher, timesteps, settings, curve summary, and how to load both LoRA files."""
     keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
     rows = []
+    notes = [h["note"] for h in history if "note" in h]
+    history = [h for h in history if "note" not in h]
     if history:
         pick = [history[0]] + history[max(1, len(history) // 2):max(1, len(history) // 2) + 1] + [history[-1]]
         seen = set()
@@ -510,7 +529,7 @@ Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXi
 | step | {' | '.join(keys)} |
 |---|{'---|' * len(keys)}
 {chr(10).join(rows) if rows else '| - |'}
-
+{"".join(f"{chr(10)}Note: {n}{chr(10)}" for n in notes)}
 ## Use
 
 diffusers (this folder holds `pytorch_lora_weights.safetensors` with its adapter metadata):

@@ -76,11 +76,12 @@ def setup(train_setup):
     return train_setup
 
 
-def launch(setup, hd: Path, mode: str, out: Path, *extra) -> subprocess.Popen:
+def launch(setup, hd: Path, mode: str, out: Path, *extra, processes: int = 2) -> subprocess.Popen:
     hd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HARNESS_DIR": str(hd),
            "HARNESS_MODE": mode}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if processes > 1 else []),
+           "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(setup["dir"] / "harness.py"),
            "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", setup["pipe"],
            "--regression.pairs_dir", setup["pairs"], "--data.prompts", setup["prompts"], "--output_dir", str(out),
@@ -103,7 +104,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
             except (ProcessLookupError, ValueError):
                 pass
         proc.wait()
-        pytest.fail(f"the 2-process run hung (killed after {timeout} s):\n{(hd / 'launch.log').read_text()[-3000:]}")
+        pytest.fail(f"the multi-process run hung (killed after {timeout} s):\n{(hd / 'launch.log').read_text()[-3000:]}")
     return (hd / "launch.log").read_text()
 
 
@@ -147,3 +148,31 @@ def test_nan_on_one_rank_skips_the_step_on_both(setup, tmp_path):
     a, b = load_file(str(hd / "rank0.safetensors")), load_file(str(hd / "rank1.safetensors"))
     assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
     assert "non-finite loss or gradient on some process; step skipped" in log
+
+
+def test_resume_on_another_process_count_continues(setup, tmp_path):
+    """A preempted 2-GPU run comes back on 1, then on 2 again (issue 17): it finishes, the ranks agree, the
+    schedule and the curve continue, and the history says where the streams were re-seeded."""
+    out = tmp_path / "run"
+    for i, (processes, steps) in enumerate([(2, 4), (1, 6), (2, 8)]):
+        hd = tmp_path / f"h{i}"
+        extra = ["--checkpointing.resume_from", "latest"] if i else []
+        log = finish(launch(setup, hd, "plain", out, "--train.max_steps", str(steps), "--checkpointing.every", "2",
+                            *extra, processes=processes), 300)
+        assert all((hd / f"exit{r}").read_text() == "0" for r in range(processes)), log[-3000:]
+        states = [json.loads((hd / f"state{r}.json").read_text()) for r in range(processes)]
+        assert all(s["step"] == steps for s in states)
+        if processes == 2:
+            a, b = load_file(str(hd / "rank0.safetensors")), load_file(str(hd / "rank1.safetensors"))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    history = states[0]["history"]
+    notes = [h for h in history if "note" in h]
+    assert [(h["step"], "re-seeded" in h["note"]) for h in notes] == [(4, True), (6, True)], notes
+    assert "on 1 process(es), saved with 2" in notes[0]["note"] and "on 2 process(es), saved with 1" in notes[1]["note"]
+    curve = [h for h in history if "note" not in h]
+    assert [h["step"] for h in curve] == list(range(1, 9))  # no step lost or repeated
+    assert all(torch.isfinite(torch.tensor(h["loss_dm"])) and torch.isfinite(torch.tensor(h["loss_fake"]))
+               for h in curve)
+    final_state = json.loads((out / "checkpoint-8" / ckpt.STATE_FILE).read_text())
+    assert final_state["sched_generator"]["last_epoch"] == 8 and final_state["num_processes"] == 2
+    assert "re-seeded" in (out / "final" / "README.md").read_text()

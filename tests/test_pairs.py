@@ -40,7 +40,8 @@ def _args(prompt_file, model, out, **kw):
 
 def _store_arrays(out):
     s = PairsStore(out)
-    return s.indices.copy(), s._latents.copy(), list(s.prompts), s.seeds.copy()
+    cols = s.rows(range(len(s)))
+    return s.indices.copy(), cols["latent"], cols["prompt"], np.array(cols["seed"])
 
 
 def _same_store(a, b, atol=0.0):
@@ -69,7 +70,8 @@ def test_store_contents_and_manifest(reference_store):
     assert m["prompt_count"] == 5  # "" and None skipped
     store = PairsStore(reference_store)
     assert list(store.indices) == list(range(8))
-    assert store.prompts[5] == store.prompts[0] == "a red cube"  # prompts cycle
+    prompts = store.rows(range(len(store)))["prompt"]
+    assert prompts[5] == prompts[0] == "a red cube"  # prompts cycle
     z = store.noise([3], verify=True)[0]
     assert torch.equal(z, pair_noise(pair_seed(0, 3), (4, 8, 8)))
 
@@ -145,7 +147,7 @@ def test_readable_with_datasets(reference_store):
     assert len(ds) == 8 and set(ds.column_names) >= {"index", "prompt", "seed", "latent"}
     row = ds[0]
     lat = np.frombuffer(row["latent"], dtype=np.float16).reshape(4, 8, 8)
-    assert np.array_equal(lat, PairsStore(reference_store)._latents[row["index"]].reshape(4, 8, 8))
+    assert np.array_equal(lat, PairsStore(reference_store).rows([row["index"]])["latent"][0].reshape(4, 8, 8))
 
 
 def test_store_checks_teacher_and_resolution(reference_store, tiny_pipe_dir, tmp_path):

@@ -51,7 +51,8 @@ def _train_argv(setup, out, *extra):
 
 def _store(path):
     s = PairsStore(path)
-    return s.indices, s._latents, s.prompts
+    cols = s.rows(range(len(s)))
+    return s.indices, cols["latent"], cols["prompt"]
 
 
 # ----- generate_pairs under kill -9 ------------------------------------------------------------------

@@ -85,6 +85,32 @@ def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
     assert max((straight[k] - other[k]).abs().max().item() for k in straight) > 1e-4
 
 
+def test_resume_on_another_process_count_reseeds_from_seed_step_rank(setup, tmp_path):
+    """A checkpoint from 2 processes resumed on 1 (issue 17): the streams are re-derived from (seed, step, rank),
+    so two such resumes agree exactly, and they are not the saved streams (a same-count resume differs)."""
+    import json
+    import shutil
+
+    from sd_dmd.train import resume_seed
+
+    train(_cfg(setup, tmp_path / "src", "--train.max_steps", "2"))
+    runs = {}
+    for name, saved_with in (("a", 2), ("b", 2), ("same", 1)):
+        shutil.copytree(tmp_path / "src", tmp_path / name)
+        state_file = tmp_path / name / "checkpoint-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "num_processes": saved_with}))
+        runs[name] = train(_cfg(setup, tmp_path / name), resume=True)
+    a, b, same = (_adapters(runs[k]) for k in ("a", "b", "same"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert max((a[k] - same[k]).abs().max().item() for k in a) > 1e-6
+    note = [h for h in runs["a"].history if "note" in h]
+    assert len(note) == 1 and note[0]["step"] == 2 and "saved with 2: per-process RNG streams re-seeded" in note[0]["note"]
+    assert not [h for h in runs["same"].history if "note" in h]
+    assert [h["step"] for h in runs["a"].history if "note" not in h] == [1, 2, 3, 4]
+    assert len({resume_seed(0, 2, 0), resume_seed(0, 2, 1), resume_seed(0, 3, 0), resume_seed(1, 2, 0)}) == 4
+
+
 def test_adamw8bit_and_lpips_paths(setup, tmp_path):
     from diffusers import AutoencoderTiny
 
