@@ -337,6 +337,9 @@ class Trainer:
         ckpt.load_optimizer(self.opt_f.optimizer, path / "optimizer_fake")
         self.sched_g.load_state_dict(state["sched_generator"])
         self.sched_f.load_state_dict(state["sched_fake"])
+        lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
+            ("optim.lr_generator", *self._set_base_lr(self.opt_g, self.sched_g, self.cfg.optim.lr_generator)),
+            ("optim.lr_fake", *self._set_base_lr(self.opt_f, self.sched_f, self.cfg.optim.lr_fake))) if old != new]
         if state.get("scaler") and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and (path / "ema_generator.safetensors").exists():
@@ -349,6 +352,10 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.history = state["history"]
+        if lr_changes:  # DMD2's second stage: the same run, resumed at a lower learning rate
+            note = f"resumed at step {self.step} with {', '.join(lr_changes)} (the schedule continues from there)"
+            self.history.append({"step": self.step, "note": note})
+            self.log(note)
         saved_n, n = state["num_processes"], self.acc.num_processes
         if saved_n == n:  # the same streams continue: bit-exact with a run that was never stopped
             ckpt.load_rng(self.rng, path / f"rng-{self.acc.process_index}.safetensors")
@@ -362,6 +369,21 @@ class Trainer:
                     f"{saved_n * self._samples_per_step_per_process()} -> {n * self._samples_per_step_per_process()}")
             self.history.append({"step": self.step, "note": note})
             self.log(f"resumed from {path}; {note}")
+
+    @staticmethod
+    def _set_base_lr(optimizer, scheduler, lr: float) -> tuple[float, float]:
+        """Make the configured ``lr`` the schedule's base after a resume; returns (saved base, new base).
+
+        The optimiser's and the scheduler's state dicts both carry the saved run's lr (``initial_lr``,
+        ``base_lrs``), so without this a resume at another learning rate silently kept the old one. The
+        schedule's shape (warm-up, decay) is the new config's, evaluated at the step reached."""
+        saved = float(scheduler.base_lrs[0])
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        return saved, lr
 
     # ----- validation -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -111,6 +111,19 @@ def test_resume_on_another_process_count_reseeds_from_seed_step_rank(setup, tmp_
     assert len({resume_seed(0, 2, 0), resume_seed(0, 2, 1), resume_seed(0, 3, 0), resume_seed(1, 2, 0)}) == 4
 
 
+def test_resume_at_another_learning_rate_uses_it(setup, tmp_path):
+    """DMD2's second stage resumes a finished run at a ~20x lower lr. The optimiser's and scheduler's saved state
+    both carry the old lr: before this was fixed, the resumed run kept training at 1e-3 and said nothing."""
+    train(_cfg(setup, tmp_path / "r", "--train.max_steps", "2", "--optim.warmup_steps", "0"))
+    t = train(_cfg(setup, tmp_path / "r", "--train.max_steps", "3", "--optim.lr_generator", "5e-5",
+                   "--optim.warmup_steps", "0"), resume=True)
+    assert t.opt_g.param_groups[0]["lr"] == pytest.approx(5e-5) and t.sched_g.get_last_lr() == [pytest.approx(5e-5)]
+    assert t.opt_f.param_groups[0]["lr"] == pytest.approx(t.cfg.optim.lr_fake)
+    assert t.history[-1]["lr_generator"] == pytest.approx(5e-5)
+    notes = [h["note"] for h in t.history if "note" in h]
+    assert notes == ["resumed at step 2 with optim.lr_generator 0.001 -> 5e-05 (the schedule continues from there)"]
+
+
 def test_adamw8bit_and_lpips_paths(setup, tmp_path):
     from diffusers import AutoencoderTiny
 
