@@ -37,7 +37,8 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST = "manifest.json"
 FORMAT = "sd_dmd.eval/1"
 # what decides image i: an out_dir resumed with any of these changed would mix two models' images
-IDENTITY_KEYS = ("model", "lora_sha256", "scheduler", "steps", "guidance_scale", "conditioning_timestep", "seed",
+IDENTITY_KEYS = ("model", "lora_sha256", "scheduler", "steps", "guidance_scale", "conditioning_timestep", "timesteps",
+                 "seed",
                  "resolution", "eval_resolution", "num_captions", "captions_sha256")
 _OPTIONAL_PATHS = ("lora", "reference", "fid_weights", "clip_pretrained")  # "none" on the command line -> None
 
@@ -54,6 +55,9 @@ class EvalConfig:
     guidance_scale: float = field(0.0, "CFG scale (0 for the distilled model, 3 for the guidance-3 teacher)")
     scheduler: Literal["lcm", "ddim_trailing", "pndm", "ddim"] = field("lcm", "lcm/ddim_trailing for one step")
     conditioning_timestep: int = field(999, "t* of the one-step generator (lcm)")
+    timesteps: list[int] = field(default_factory=list, help=(
+        "lcm sampling timesteps of a few-step generator; empty: the ones training recorded beside the LoRA, else "
+        "[conditioning_timestep] for one step"))
     prompts: str = field("captions_val2014.json", "COCO annotations JSON, parquet or txt of captions")
     num_prompts: int = field(30000, "captions to draw (fixed seed)")
     seed: int = field(0, "caption sampling and per-image noise seed")
@@ -72,6 +76,20 @@ class EvalConfig:
             v = getattr(self, k)
             if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
                 setattr(self, k, None)
+        if self.scheduler == "lcm" and not self.timesteps and self.lora is not None:
+            from .sample import resolve_lora
+
+            try:
+                self.timesteps = resolve_lora(self.lora).timesteps or []
+            except FileNotFoundError:
+                pass  # named by the LoRA check later, with the layouts it accepts
+        if self.timesteps:
+            ts = [int(t) for t in self.timesteps]
+            if any(not 0 <= t <= 999 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ConfigError(f"timesteps: need decreasing timesteps in [0, 999], got {ts}")
+            if self.scheduler != "lcm":
+                raise ConfigError(f"timesteps: sampling at given timesteps needs --scheduler lcm, not {self.scheduler}")
+            self.timesteps, self.steps = ts, len(ts)
         for k in ("num_prompts", "batch_size", "steps", "resolution", "eval_resolution"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
@@ -142,7 +160,7 @@ def generate(cfg: EvalConfig, captions: list[str], image_dir: Path) -> None:
     kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
               width=cfg.resolution)
     if cfg.scheduler == "lcm":
-        kw["timesteps"] = [cfg.conditioning_timestep] if cfg.steps == 1 else None
+        kw["timesteps"] = cfg.timesteps or ([cfg.conditioning_timestep] if cfg.steps == 1 else None)
     for b in tqdm(range(0, len(todo), cfg.batch_size), disable=not state.is_main_process, desc="images"):
         idx = todo[b:b + cfg.batch_size]
         gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i) for i in idx]
@@ -330,7 +348,8 @@ def eval_manifest(cfg: EvalConfig, captions: list[str]) -> dict:
         lora_sha = weights_sha256(src.file) if src.file else f"hub:{src.ref}"
     return {"format": FORMAT, "model": cfg.model, "lora": cfg.lora, "lora_sha256": lora_sha,
             "scheduler": cfg.scheduler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-            "conditioning_timestep": cfg.conditioning_timestep, "seed": cfg.seed, "resolution": cfg.resolution,
+            "conditioning_timestep": cfg.conditioning_timestep, "timesteps": cfg.timesteps or None,
+            "seed": cfg.seed, "resolution": cfg.resolution,
             "eval_resolution": cfg.eval_resolution, "num_captions": len(captions),
             "captions_sha256": hashlib.sha256(json.dumps(captions).encode()).hexdigest(), "prompts": cfg.prompts,
             "dtype": cfg.dtype}

@@ -33,6 +33,9 @@ def adapter_state_dict(model: DMDModel, name: str) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(model.unet, adapter_name=name).items()}
 
 
+SAMPLING_FILE = "sd_dmd_sampling.json"  # beside a generator LoRA: its sampler, timesteps and guidance
+
+
 def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Path:
     """Diffusers-format LoRA (``pytorch_lora_weights.safetensors`` + adapter metadata)."""
     from diffusers import StableDiffusionPipeline
@@ -42,6 +45,11 @@ def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Pa
     StableDiffusionPipeline.save_lora_weights(
         out, unet_lora_layers=adapter_state_dict(model, name),
         unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict(), safe_serialization=True)
+    if name == GENERATOR:  # how to sample it: python -m sd_dmd.sample and the evaluator read this
+        import json
+
+        (out / SAMPLING_FILE).write_text(json.dumps(
+            {"scheduler": "LCMScheduler", "timesteps": list(model.generator_timesteps), "guidance_scale": 0.0}) + "\n")
     return out
 
 

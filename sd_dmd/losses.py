@@ -69,6 +69,32 @@ def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: tor
     return loss, {"loss_fake": loss.item()}
 
 
+def gan_generator_loss(disc: Callable, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None):
+    """DMD2's generator GAN term: softplus(-D(x_t)) with x_t the diffused generator sample (diffusion-GAN).
+
+    ``disc`` maps (x_t, t, cond) to one realism logit per sample. The gradient reaches x through D; D's own
+    parameters are not this turn's to update (the loop steps only the generator and discards the rest)."""
+    logits = disc(schedule.add_noise(x, noise, t), t, cond).float()
+    loss = F.softplus(-logits).mean()
+    return loss, {"loss_gan_generator": loss.item()}
+
+
+def gan_discriminator_loss(disc: Callable, fake: torch.Tensor, real: torch.Tensor, t_fake: torch.Tensor,
+                           t_real: torch.Tensor, noise_fake: torch.Tensor, noise_real: torch.Tensor,
+                           schedule: NoiseSchedule, cond_fake: Optional[torch.Tensor] = None,
+                           cond_real: Optional[torch.Tensor] = None):
+    """DMD2's discriminator term: softplus(D(fake)) + softplus(-D(real)), each diffused to its own timestep.
+
+    ``fake`` is detached (generator samples); ``real`` are encoded real latents. Stats include how often D is
+    right on each side (``gan_d_real_acc``, ``gan_d_fake_acc``): both near 1 on few real images means over-fitting."""
+    lf = disc(schedule.add_noise(fake.detach(), noise_fake, t_fake), t_fake, cond_fake).float()
+    lr = disc(schedule.add_noise(real, noise_real, t_real), t_real, cond_real).float()
+    loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+    return loss, {"loss_gan_discriminator": loss.item(), "gan_d_real_acc": (lr > 0).float().mean().item(),
+                  "gan_d_fake_acc": (lf < 0).float().mean().item()}
+
+
 class RegressionLoss(torch.nn.Module):
     """l(decode(pred), decode(target)) for DMD's regression stabiliser (Sec. 4.2.4).
 

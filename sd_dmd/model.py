@@ -138,6 +138,59 @@ def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
 
+def unet_bottleneck(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """The UNet's forward up to and including the mid block (conv_in, time embedding, down blocks, mid block):
+    what DMD2's discriminator reads ("cls_on_clean_image"). The same calls, in the same order, as
+    ``UNet2DConditionModel.forward`` for SD-style UNets (no class or added embeddings)."""
+    cfg = unet.config
+    if cfg.get("class_embed_type") or cfg.get("addition_embed_type"):
+        raise ModelError("the GAN head supports SD-style UNets only (no class or added embeddings); this UNet has "
+                         f"class_embed_type={cfg.get('class_embed_type')}, "
+                         f"addition_embed_type={cfg.get('addition_embed_type')}")
+    if unet.mid_block is None:
+        raise ModelError("the GAN head reads the UNet's mid block, and this UNet has none")
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    h = unet.conv_in(sample)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+    return unet.mid_block(h, emb)
+
+
+def _group_norm(channels: int) -> torch.nn.GroupNorm:
+    import math
+
+    return torch.nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class GANHead(torch.nn.Module):
+    """DMD2's classifier on the fake score's bottleneck: Conv4x4 s2 -> GN -> SiLU -> Conv4x4 s4 -> GN -> SiLU ->
+    Conv1x1 -> one logit per sample. At SD1.5's 8x8 mid block (512 px) that is exactly DMD2's head (8 -> 4 -> 1);
+    a smaller bottleneck (the digits UNet's) keeps the layers, with the second conv's kernel and stride cut to what
+    is left so it still ends at 1x1."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        first = torch.nn.Conv2d(channels, channels, 4, 2, 1) if size >= 4 else torch.nn.Conv2d(channels, channels, 3, 1, 1)
+        left = size // 2 if size >= 4 else size
+        k = min(4, left)
+        self.net = torch.nn.Sequential(
+            first, _group_norm(channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, k, k, 0), _group_norm(channels), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1),  # 1x1 already at SD1.5's shape; averages what is left elsewhere
+            torch.nn.Conv2d(channels, 1, 1, 1, 0))
+        self.channels, self.size = channels, size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.float()).flatten(1).squeeze(1)
+
+
 def _nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
@@ -152,6 +205,7 @@ class DMDModel:
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype  # dtype of the frozen base weights
         self.conditioning_timestep = conditioning_timestep  # t* at which G is called
+        self.generator_timesteps = [conditioning_timestep]  # the few-step sampler's timesteps (training sets them)
         self.real_guidance_scale = real_guidance_scale  # CFG scale of the real score
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
@@ -264,10 +318,56 @@ class DMDModel:
     def generator_denoiser(self):
         return EpsDenoiser(self._eps(GENERATOR), self.schedule)
 
-    def generate(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x = G(z) = (z - sigma_t* eps_gen(z, t*, c)) / alpha_t*  (what LCMScheduler(timesteps=[999]) gives)."""
-        t = torch.full((z.shape[0],), self.conditioning_timestep, device=z.device, dtype=torch.long)
+    def generate(self, z: torch.Tensor, cond: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """x = G(z) = (z - sigma_t eps_gen(z, t, c)) / alpha_t at t = ``timestep`` (default t*): what
+        LCMScheduler(timesteps=[999]) gives from pure noise, and one step of a few-step sampler otherwise."""
+        t = torch.full((z.shape[0],), self.conditioning_timestep if timestep is None else timestep, device=z.device,
+                       dtype=torch.long)
         return self.generator_denoiser()(z, t, cond)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, cond: torch.Tensor, timesteps: list[int],
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The few-step generator's sample, exactly as ``LCMScheduler`` with ``timesteps=timesteps`` and guidance 0
+        runs it: x0 = G(x_t, t_i); x_{t_(i+1)} = alpha x0 + sigma * fresh noise drawn from ``generator`` (the
+        pipeline draws it with ``randn_tensor`` after every step but the last)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        x_t = z
+        for i, t in enumerate(timesteps):
+            x0 = self.generate(x_t, cond, t)
+            if i + 1 == len(timesteps):
+                return x0
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), timesteps[i + 1], device=x0.device))
+        return x_t
+
+    # ----- the GAN head (DMD2) ------------------------------------------------------------------
+    def add_gan_head(self, resolution: int) -> GANHead:
+        """Create the discriminator head on the fake score's bottleneck (fp32, on the model's device), sized by a
+        probe of the mid block at this latent resolution."""
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = resolution // vae_factor
+        probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.unet.dtype)
+        with torch.no_grad():
+            h = unet_bottleneck(self.unet, probe, torch.zeros(1, device=self.device, dtype=torch.long),
+                                torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device,
+                                            dtype=self.unet.dtype))
+        self.gan_head = GANHead(h.shape[1], h.shape[-1]).to(self.device)
+        return self.gan_head
+
+    def discriminator(self):
+        """(x_t, t, cond) -> realism logits: the fake-LoRA UNet's bottleneck, then the GAN head."""
+        head = getattr(self, "gan_head", None)
+        if head is None:
+            raise ModelError("no GAN head: call add_gan_head first")
+
+        def disc(x_t, t, cond):
+            self._activate(FAKE)
+            x = x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype)
+            return head(unet_bottleneck(self.unet, x, t, cond))
+
+        return disc
 
     # ----- decoding -----------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

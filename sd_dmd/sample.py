@@ -1,4 +1,4 @@
-"""One-step sampling with a plain diffusers pipeline and the distilled LoRA.
+"""One-step (and few-step) sampling with a plain diffusers pipeline and the distilled LoRA.
 
     python -m sd_dmd.sample --model PATH_OR_ID --lora LORA --prompt "..." [--seed N] [--num_images K] \
         [--height H --width W] --out FILE.png
@@ -8,6 +8,8 @@
 ``final/lora_kohya.safetensors`` (kohya keys, which diffusers' ``load_lora_weights`` converts).
 LCMScheduler with ``timesteps=[999]`` (or DDIM with trailing spacing) and ``guidance_scale=0`` give
 exactly x = G(z); default DDIM/Euler spacing would run the UNet at t=1 (DESIGN.md, "Inference").
+A few-step generator (``dmd.generator_timesteps``) samples with LCMScheduler at those timesteps; training writes
+them beside the LoRA (``sd_dmd_sampling.json``), and ``--timesteps`` defaults to them.
 """
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ class LoraSource:
 
     def __str__(self) -> str:
         return f"{self.ref} ({self.form})"
+
+    @property
+    def timesteps(self) -> Optional[list[int]]:
+        """The sampling timesteps training recorded beside the weights (``sd_dmd_sampling.json``), if any."""
+        import json
+
+        from .export import SAMPLING_FILE
+
+        f = self.file
+        if f is None or not (f.parent / SAMPLING_FILE).is_file():
+            return None
+        return [int(t) for t in json.loads((f.parent / SAMPLING_FILE).read_text())["timesteps"]]
 
 
 def _is_kohya(path: Path) -> bool:
@@ -111,13 +125,23 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     return pipe
 
 
-def one_step_call_kwargs(pipe, conditioning_timestep: int = 999) -> dict:
-    """Pipeline kwargs that run the UNet once at t* with no CFG."""
+def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
+    """Pipeline kwargs that run the generator at ``timesteps`` (LCMScheduler: x0 at each, re-noised to the next
+    with fresh noise) with no CFG. DDIM with trailing spacing reaches t = 999 for one step only."""
     from diffusers import LCMScheduler
 
+    timesteps = [int(t) for t in timesteps]
     if isinstance(pipe.scheduler, LCMScheduler):
-        return dict(num_inference_steps=1, timesteps=[conditioning_timestep], guidance_scale=0.0)
+        return dict(num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0.0)
+    if len(timesteps) > 1:
+        raise ValueError(f"a {len(timesteps)}-step generator samples with LCMScheduler (timesteps={timesteps}); "
+                         "ddim_trailing runs one step only")
     return dict(num_inference_steps=1, guidance_scale=0.0)
+
+
+def one_step_call_kwargs(pipe, conditioning_timestep: int = 999) -> dict:
+    """Pipeline kwargs that run the UNet once at t* with no CFG."""
+    return call_kwargs(pipe, [conditioning_timestep])
 
 
 @torch.inference_mode()
@@ -178,7 +202,9 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512 for SD1.5)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--scheduler", default="lcm", choices=["lcm", "ddim_trailing"])
-    p.add_argument("--conditioning_timestep", type=int, default=999)
+    p.add_argument("--timesteps", type=int, nargs="+", default=None,
+                   help="sampling timesteps (default: the ones training recorded beside the LoRA, else 999)")
+    p.add_argument("--conditioning_timestep", type=int, default=None, help="one step at this t (= --timesteps T)")
     p.add_argument("--dtype", default="fp16" if torch.cuda.is_available() else "fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--fast", action="store_true", help="fuse the LoRA into the UNet and use channels_last")
     p.add_argument("--out", required=True, type=Path, help="output PNG (a grid when several images)")
@@ -194,12 +220,17 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = one_step_pipeline(args.model, lora, args.scheduler, DTYPES[args.dtype], device, fuse=args.fast,
                              channels_last=args.fast)
-    print(f"loaded LoRA {lora}" if lora is not None else "no LoRA: sampling the base model in one step")
+    timesteps = (args.timesteps or ([args.conditioning_timestep] if args.conditioning_timestep is not None else None)
+                 or (lora.timesteps if lora is not None else None) or [999])
+    if any(not 0 <= t <= 999 for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        p.error(f"--timesteps: need decreasing timesteps in [0, 999], got {timesteps}")
+    print(f"loaded LoRA {lora}" if lora is not None else "no LoRA: sampling the base model")
+    print(f"sampling {len(timesteps)} step(s) at timesteps {timesteps}, guidance 0")
     images = []
     for i, prompt in enumerate(args.prompt):
         g = [torch.Generator("cpu").manual_seed(args.seed + i * args.num_images + k) for k in range(args.num_images)]
         images += pipe([prompt] * args.num_images, generator=g, height=args.height, width=args.width,
-                       **one_step_call_kwargs(pipe, args.conditioning_timestep)).images
+                       **guarded(call_kwargs, pipe, timesteps)).images
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (images[0] if len(images) == 1 else image_grid(images, cols=args.num_images)).save(args.out)
     print(f"wrote {args.out}")

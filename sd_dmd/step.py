@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .losses import dmd_loss, fake_score_loss
+from .losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 
 
 def split_batch(value, n: int) -> list:
@@ -26,8 +26,9 @@ def split_batch(value, n: int) -> list:
 
 class _Splittable:
     def split(self, n: int) -> list:
-        """``n`` equal micro-batches (every field cut along its first dimension)."""
-        parts = {f.name: split_batch(getattr(self, f.name), n) for f in dataclasses.fields(self)}
+        """``n`` equal micro-batches (every tensor/list field cut along its first dimension; ints shared)."""
+        parts = {f.name: (split_batch(v, n) if not isinstance(v, int) else [v] * n)
+                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
         return [type(self)(**{k: v[i] for k, v in parts.items()}) for i in range(n)]
 
 
@@ -40,25 +41,59 @@ class GeneratorBatch(_Splittable):
     ref_z: Optional[torch.Tensor] = None  # regression pairs: the teacher's input noise, (R, C, H, W)
     ref_y: Optional[torch.Tensor] = None  # regression pairs: the teacher's 50-step latents
     ref_prompts: Optional[list] = None  # regression pairs: their captions
+    sim_steps: int = 0  # backward simulation: G runs this many of its timesteps (no grad) before the trained call
+    sim_noise: Optional[torch.Tensor] = None  # fresh re-noising noise for those steps, (B, sim_steps, C, H, W)
+    gan_t: Optional[torch.Tensor] = None  # GAN: timesteps that diffuse G's sample before the discriminator, (B,)
+    gan_noise: Optional[torch.Tensor] = None
 
 
 @dataclass
 class CriticBatch(_Splittable):
     t: torch.Tensor  # fake-score timesteps, (B,)
     noise: torch.Tensor  # noise that diffuses the samples to t
+    real: Optional[torch.Tensor] = None  # GAN: encoded real latents, (B_real, C, H, W)
+    real_prompts: Optional[list] = None  # their captions
+    real_t: Optional[torch.Tensor] = None  # their own diffusion-GAN timesteps and noise
+    real_noise: Optional[torch.Tensor] = None
+    gan_t: Optional[torch.Tensor] = None  # the generator samples' diffusion-GAN timesteps and noise
+    gan_noise: Optional[torch.Tensor] = None
+
+
+def backward_simulate(model, z: torch.Tensor, cond: torch.Tensor, timesteps: list[int], k: int,
+                      noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """DMD2's backward simulation: G's x0 at ``timesteps[k]``, on the input its own first ``k`` steps make.
+
+    From pure noise ``z`` (at ``timesteps[0]``), G runs ``k`` steps under no_grad, each x0 re-noised to the next
+    timestep with *fresh* noise (``noise[:, i]``), as the few-step sampler does at inference; then one call with
+    gradients. ``k = 0`` is the one-step case, pure noise in (the case other ports skip)."""
+    x_t = z
+    with torch.no_grad():
+        for i in range(k):
+            x0 = model.generate(x_t, cond, timesteps[i])
+            t_next = torch.full((z.shape[0],), timesteps[i + 1], device=z.device, dtype=torch.long)
+            x_t = model.schedule.add_noise(x0, noise[:, i].to(x0.dtype), t_next).to(z.dtype)
+    return model.generate(x_t, cond, timesteps[k])
 
 
 def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regression: Optional[Callable] = None,
-                   regression_weight: float = 0.0):
-    """dm_weight * DM loss (Eq. 7-8) + regression_weight * regression loss (Sec. 4.2.4) for one micro-batch.
+                   regression_weight: float = 0.0, timesteps: Optional[list[int]] = None, gan_weight: float = 0.0):
+    """The generator turn's loss for one micro-batch: a sum of terms, each a function of denoiser callables.
 
+    dm_weight * DM loss (Eq. 7-8) + regression_weight * regression loss (Sec. 4.2.4) + gan_weight * DMD2's GAN
+    term. G's sample comes from :func:`backward_simulate` over ``timesteps`` (one step when None).
     Returns ``(loss, stats, x, cond)``; ``x`` (detached) and ``cond`` are what the fake score trains on.
     """
     cond = model.encode_prompts(batch.prompts)
-    x = model.generate(batch.z, cond)
+    timesteps = timesteps or [model.conditioning_timestep]
+    x = backward_simulate(model, batch.z, cond, timesteps, batch.sim_steps, batch.sim_noise)
     loss_dm, stats = dmd_loss(x, model.real_denoiser(), model.fake_denoiser(), batch.t, batch.noise,
                               model.schedule, cond)
     loss = dm_weight * loss_dm
+    if gan_weight > 0 and batch.gan_t is not None:
+        loss_gan, s_gan = gan_generator_loss(model.discriminator(), x, batch.gan_t, batch.gan_noise, model.schedule,
+                                             cond)
+        loss = loss + gan_weight * loss_gan
+        stats.update(s_gan)
     if regression is not None and batch.ref_z is not None:
         x_ref = model.generate(batch.ref_z, model.encode_prompts(batch.ref_prompts))
         loss_reg, s_reg = regression(x_ref, batch.ref_y)
@@ -68,12 +103,23 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
 
 
 @torch.no_grad()
-def generator_samples(model, z: torch.Tensor, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh detached samples ``(G(z), cond)`` for the extra fake updates of TTUR."""
+def generator_samples(model, z: torch.Tensor, prompts: list, timesteps: Optional[list[int]] = None, k: int = 0,
+                      noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh detached samples ``(G(z), cond)`` for the extra fake updates of TTUR (backward-simulated to step k)."""
     cond = model.encode_prompts(prompts)
-    return model.generate(z, cond), cond
+    return backward_simulate(model, z, cond, timesteps or [model.conditioning_timestep], k, noise), cond
 
 
-def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch, weighting: str = "eps"):
-    """The fake score's denoising loss on detached generator samples. Returns ``(loss, stats)``."""
-    return fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond, weighting)
+def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch, weighting: str = "eps",
+                gan_weight: float = 0.0):
+    """The critic turn's loss: the fake score's denoising loss on detached generator samples, plus
+    gan_weight * DMD2's discriminator loss (G's samples against the batch's real latents) when it has them.
+    Returns ``(loss, stats)``."""
+    loss, stats = fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond, weighting)
+    if gan_weight > 0 and batch.real is not None:
+        real_cond = model.encode_prompts(batch.real_prompts)
+        loss_d, s_d = gan_discriminator_loss(model.discriminator(), x, batch.real, batch.gan_t, batch.real_t,
+                                             batch.gan_noise, batch.real_noise, model.schedule, cond, real_cond)
+        loss = loss + gan_weight * loss_d
+        stats.update(s_d)
+    return loss, stats

@@ -64,6 +64,9 @@ def _decoder(cfg: Config, model: DMDModel, device):
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
 
 
+SIM_STREAM = 2  # SeedSequence([seed, step, SIM_STREAM]) picks the backward-simulation depth of a step
+
+
 def resume_seed(seed: int, step: int, rank: int) -> int:
     """Seed of process ``rank``'s streams after a resume at ``step`` on another process count: a function of
     (seed, step, rank) only, so every rank of every re-launch derives the same, distinct streams."""
@@ -130,9 +133,18 @@ class Trainer:
             if cfg.regression.loss == "lpips":
                 kw = dict(net=cfg.regression.lpips_net, pretrained_backbone=cfg.regression.lpips_pretrained_backbone)
             self.reg_loss = make_regression_loss(cfg.regression.loss, _decoder(cfg, m, dev), **kw).to(dev)
+        m.generator_timesteps = list(cfg.dmd.generator_timesteps)
+        self.real_store = None
+        if cfg.gan.real_latents:  # DMD2's GAN: real latents, and a head on the fake score's bottleneck
+            from .latents import LatentStore, vae_identity
+
+            self.real_store = LatentStore(cfg.gan.real_latents)
+            self.real_store.check_compatible(vae_identity(m.vae), cfg.model.resolution)
+            m.add_gan_head(cfg.model.resolution)
         o = cfg.optim
         self.gen_params = m.adapter_parameters(GENERATOR)
         self.fake_params = m.adapter_parameters(FAKE)
+        self.head_params = list(m.gan_head.parameters()) if self.real_store is not None else []
         opt_g = _make_optimizer(self.gen_params, o.lr_generator, o)
         opt_f = _make_optimizer(self.fake_params, o.lr_fake, o)
         self.opt_g, self.opt_f = accelerator.prepare(opt_g, opt_f)  # (GradScaler handling under fp16)
@@ -140,8 +152,16 @@ class Trainer:
 
         self.sched_g = get_scheduler(o.lr_scheduler, opt_g, num_warmup_steps=o.warmup_steps,
                                      num_training_steps=cfg.train.max_steps)
+        fake_steps = cfg.train.max_steps * cfg.dmd.fake_updates_per_step
         self.sched_f = get_scheduler(o.lr_scheduler, opt_f, num_warmup_steps=o.warmup_steps,
-                                     num_training_steps=cfg.train.max_steps * cfg.dmd.fake_updates_per_step)
+                                     num_training_steps=fake_steps)
+        self.opt_d = self.sched_d = None
+        if self.head_params:  # its own optimiser (same settings as the fake score's), stepped in the fake turn,
+            # so that switching the GAN on when resuming a run without it leaves the saved optimisers as they were
+            opt_d = _make_optimizer(self.head_params, o.lr_fake, o)
+            self.opt_d = accelerator.prepare(opt_d)
+            self.sched_d = get_scheduler(o.lr_scheduler, opt_d, num_warmup_steps=o.warmup_steps,
+                                         num_training_steps=fake_steps)
         self.ema = None
         if cfg.train.ema_decay > 0:
             from diffusers.training_utils import EMAModel
@@ -171,13 +191,32 @@ class Trainer:
     def _timesteps(self, n: int, lo: int, hi: int) -> torch.Tensor:
         return sample_timesteps(n, lo, hi, generator=self.rng, device=self.acc.device)
 
+    def gan_on(self) -> bool:
+        return self.real_store is not None and self.step >= self.cfg.gan.start_step
+
+    def _sim_steps(self) -> int:
+        """How many of G's timesteps the backward simulation runs before the trained call: uniform, and the
+        same on every process (a function of (seed, step) only), so every rank runs the same graph."""
+        n = len(self.cfg.dmd.generator_timesteps)
+        if n == 1:
+            return 0
+        return int(np.random.SeedSequence([self.cfg.train.seed, self.step, SIM_STREAM]).generate_state(1)[0] % n)
+
+    def _sim_noise(self, n: int, k: int) -> Optional[torch.Tensor]:
+        if k == 0:
+            return None
+        return torch.randn((n, k, *self.latent_shape), generator=self.rng).to(self.acc.device)
+
     def _draw_generator_batch(self) -> GeneratorBatch:
         """One generator turn's data for all micro-batches at once, so that accumulating K micro-batches
         of B equals one step on the batch of K * B."""
         cfg, dev = self.cfg, self.acc.device
         n = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+        k = self._sim_steps()
         batch = GeneratorBatch(self._prompts(n), self._randn(n), self._timesteps(n, cfg.dmd.t_min, cfg.dmd.t_max),
-                               self._randn(n))
+                               self._randn(n), sim_steps=k, sim_noise=self._sim_noise(n, k))
+        if self.gan_on():
+            batch.gan_t, batch.gan_noise = self._timesteps(n, 0, self.model.schedule.num_train_timesteps - 1), self._randn(n)
         if self.store is not None:
             k = cfg.regression.batch_size * cfg.train.gradient_accumulation_steps
             rows = torch.randint(0, len(self.store), (k,), generator=self.rng).tolist()
@@ -193,10 +232,13 @@ class Trainer:
             t = self.acc.reduce(t, reduction="sum")
         return t.item() > 0
 
-    def _apply(self, params, optimizer, scheduler, stats: dict) -> tuple[float, bool]:
+    def _apply(self, params, optimizer, scheduler, stats: dict, also=()) -> tuple[float, bool]:
         """Average the gradients over processes, unscale, clip, and step only when every process's losses
         and the averaged gradient are finite: one collective decision, taken before any optimiser, LR or
-        EMA update. Returns (unscaled gradient norm, applied)."""
+        EMA update. ``also``: more (params, optimizer, scheduler) stepped in the same decision (the GAN head with
+        the fake score). Returns (unscaled gradient norm over all of them, applied)."""
+        groups = [(params, optimizer, scheduler), *also]
+        params = [p for ps, _, _ in groups for p in ps]
         acc = self.acc
         for p in params:
             if p.grad is None:
@@ -210,8 +252,9 @@ class Trainer:
                 offset += p.numel()
             bad = flat[-1:]
         scaler = acc.scaler
-        if scaler is not None:  # fp16: unscale this optimiser's gradients before measuring or clipping them
-            scaler.unscale_(optimizer.optimizer)
+        if scaler is not None:  # fp16: unscale this turn's gradients before measuring or clipping them
+            for _, opt, _ in groups:
+                scaler.unscale_(opt.optimizer)
         max_norm = self.cfg.optim.max_grad_norm
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -220,11 +263,13 @@ class Trainer:
         norm = float(norm)
         applied = bad.item() == 0 and math.isfinite(norm)
         if applied:
-            optimizer.step()  # under fp16 the GradScaler steps the already-unscaled gradients and updates
-            scheduler.step()
+            for _, opt, sched in groups:
+                opt.step()  # under fp16 the GradScaler steps the already-unscaled gradients and updates
+                sched.step()
         elif scaler is not None:
             scaler.update()  # lowers the scale after an overflow; the optimiser, LR and EMA do not move
-        optimizer.zero_grad(set_to_none=True)
+        for _, opt, _ in groups:
+            opt.zero_grad(set_to_none=True)
         return norm, applied
 
     # ----- the two turns ----------------------------------------------------------------------------
@@ -237,10 +282,14 @@ class Trainer:
         for mb in self._draw_generator_batch().split(n_acc):
             with acc.autocast():
                 loss, s, x, cond = generator_loss(self.model, mb, dm_weight=cfg.dmd.dm_weight,
-                                                  regression=self.reg_loss, regression_weight=cfg.regression.weight)
+                                                  regression=self.reg_loss, regression_weight=cfg.regression.weight,
+                                                  timesteps=cfg.dmd.generator_timesteps,
+                                                  gan_weight=cfg.gan.generator_weight if self.gan_on() else 0.0)
             acc.backward(loss / n_acc)
             _add_mean(stats, s, n_acc)
             samples.append((x, cond))
+        for p in self.fake_params + self.head_params:  # the GAN term's backward passed through them: not theirs
+            p.grad = None
         norm, applied = self._apply(self.gen_params, self.opt_g, self.sched_g, stats)
         if applied and self.ema is not None:
             self.ema.step(self.gen_params)
@@ -252,19 +301,31 @@ class Trainer:
         cfg, m, acc = self.cfg, self.model, self.acc
         n_acc = cfg.train.gradient_accumulation_steps
         n = cfg.train.batch_size * n_acc
+        t_all = m.schedule.num_train_timesteps - 1
         if samples is None:
             prompts, z = self._prompts(n), self._randn(n)
+            n_ts = len(cfg.dmd.generator_timesteps)
+            k = int(torch.randint(0, n_ts, (1,), generator=self.rng)) if n_ts > 1 else 0
             with acc.autocast():
-                x, cond = generator_samples(m, z, prompts)
+                x, cond = generator_samples(m, z, prompts, cfg.dmd.generator_timesteps, k, self._sim_noise(n, k))
             samples = list(zip(split_batch(x, n_acc), split_batch(cond, n_acc)))
-        batch = CriticBatch(self._timesteps(n, 0, m.schedule.num_train_timesteps - 1), self._randn(n))
+        batch = CriticBatch(self._timesteps(n, 0, t_all), self._randn(n))
+        gan = self.gan_on()
+        if gan:
+            r = (cfg.gan.batch_size or cfg.train.batch_size) * n_acc
+            rows = torch.randint(0, len(self.real_store), (r,), generator=self.rng).tolist()
+            real, batch.real_prompts = self.real_store.batch(rows)
+            batch.real, batch.real_t, batch.real_noise = real.to(acc.device), self._timesteps(r, 0, t_all), self._randn(r)
+            batch.gan_t, batch.gan_noise = self._timesteps(n, 0, t_all), self._randn(n)
         stats: dict = {}
         for (x, cond), mb in zip(samples, batch.split(n_acc)):
             with acc.autocast():
-                loss, s = critic_loss(m, x, cond, mb, cfg.dmd.fake_loss_weighting)
+                loss, s = critic_loss(m, x, cond, mb, cfg.dmd.fake_loss_weighting,
+                                      gan_weight=cfg.gan.discriminator_weight if gan else 0.0)
             acc.backward(loss / n_acc)
             _add_mean(stats, s, n_acc)
-        norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats)
+        norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats,
+                                    also=[(self.head_params, self.opt_d, self.sched_d)] if gan else ())
         stats["grad_norm_fake"] = norm
         return stats, applied
 
@@ -281,8 +342,9 @@ class Trainer:
         for k in range(n):
             f, ok = self.fake_turn(samples if k == 0 else None)
             if ok:
-                stats["loss_fake"] += f["loss_fake"] / n
-                stats["grad_norm_fake"] += f["grad_norm_fake"] / n
+                for key in ("loss_fake", "grad_norm_fake", "loss_gan_discriminator", "gan_d_real_acc", "gan_d_fake_acc"):
+                    if key in f:
+                        stats[key] = stats.get(key, 0.0) + f[key] / n
             else:
                 stats["fake_updates_skipped"] += 1
         return stats, True
@@ -303,6 +365,12 @@ class Trainer:
             save_lora(self.model, tmp / "fake", FAKE)
             ckpt.save_optimizer(self.opt_g.optimizer, tmp / "optimizer_generator")
             ckpt.save_optimizer(self.opt_f.optimizer, tmp / "optimizer_fake")
+            if self.head_params:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self.model.gan_head.state_dict().items()},
+                          str(tmp / "gan_head.safetensors"))
+                ckpt.save_optimizer(self.opt_d.optimizer, tmp / "optimizer_discriminator")
             if self.ema is not None:
                 from safetensors.torch import save_file
 
@@ -317,6 +385,7 @@ class Trainer:
             state = {"step": self.step, "num_processes": acc.num_processes,
                      "nonfinite_total": self.nonfinite_total,
                      "sched_generator": self.sched_g.state_dict(), "sched_fake": self.sched_f.state_dict(),
+                     "sched_discriminator": self.sched_d.state_dict() if self.sched_d is not None else None,
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None,
                      "history": self.history}
@@ -337,6 +406,17 @@ class Trainer:
         ckpt.load_optimizer(self.opt_f.optimizer, path / "optimizer_fake")
         self.sched_g.load_state_dict(state["sched_generator"])
         self.sched_f.load_state_dict(state["sched_fake"])
+        if self.head_params and (path / "gan_head.safetensors").exists():
+            from safetensors.torch import load_file
+
+            self.model.gan_head.load_state_dict(load_file(str(path / "gan_head.safetensors")))
+            ckpt.load_optimizer(self.opt_d.optimizer, path / "optimizer_discriminator")
+            self.sched_d.load_state_dict(state["sched_discriminator"])
+            self._set_base_lr(self.opt_d, self.sched_d, self.cfg.optim.lr_fake)
+        elif self.head_params:  # DMD2's second stage: the GAN switched on when resuming a run made without it
+            note = f"GAN on from step {max(state['step'], self.cfg.gan.start_step)}: the discriminator head starts fresh"
+            self.history.append({"step": state["step"], "note": note})
+            self.log(note)
         lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
             ("optim.lr_generator", *self._set_base_lr(self.opt_g, self.sched_g, self.cfg.optim.lr_generator)),
             ("optim.lr_fake", *self._set_base_lr(self.opt_f, self.sched_f, self.cfg.optim.lr_fake))) if old != new]
@@ -401,8 +481,10 @@ class Trainer:
             cond = m.encode_prompts(lg.validation_prompts)
             z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(seed * 1000 + i))
                              for i in range(len(lg.validation_prompts))]).to(self.acc.device)
-            with self.acc.autocast():
-                img = m.decode(m.generate(z, cond))
+            with self.acc.autocast():  # the few-step sampler's re-noising draws from a generator seeded per row
+                x = m.sample(z, cond, self.cfg.dmd.generator_timesteps,
+                             torch.Generator(self.acc.device).manual_seed(seed))
+                img = m.decode(x)
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             images += [Image.fromarray(a) for a in arr]
         path = self.out / "validation" / f"{tag}.png"
@@ -523,6 +605,11 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     model = cfg.model.pretrained_model_name_or_path
     g = cfg.lora.generator
     t_star = cfg.dmd.conditioning_timestep
+    ts = list(cfg.dmd.generator_timesteps)
+    steps = len(ts)
+    how = "one step from pure noise" if steps == 1 else f"{steps} steps, LCM re-noising between them"
+    gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
+           f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
     text = f"""---
 library_name: diffusers
 base_model: {model}
@@ -536,10 +623,11 @@ Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXi
 | setting | value |
 |---|---|
 | teacher | `{model}`{f" (revision {cfg.model.revision})" if cfg.model.revision else ""} |
-| sampling timesteps | [{t_star}] (one step from pure noise; guidance 0) |
+| sampling timesteps | {ts} ({how}; guidance 0) |
 | real-score guidance | {cfg.dmd.real_guidance_scale} |
 | DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}] |
 | fake updates per step | {cfg.dmd.fake_updates_per_step} |
+| GAN (DMD2) | {gan} |
 | regression | {cfg.regression.loss} (lambda={cfg.regression.weight}, decoder={cfg.regression.decoder}) |
 | optimiser | {cfg.optim.optimizer}, lr G {cfg.optim.lr_generator} / fake {cfg.optim.lr_fake} |
 | steps x batch | {cfg.train.max_steps} x {cfg.train.batch_size} per process |
@@ -563,12 +651,13 @@ from diffusers import StableDiffusionPipeline, LCMScheduler
 pipe = StableDiffusionPipeline.from_pretrained("{model}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("path/to/this/folder")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t_star}], guidance_scale=0.0).images[0]
+image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]
 ```
 
 ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
 `lora_up`, `.alpha` = {g.alpha}). Load it with the teacher `{model}` as a normal LoRA at strength 1.0 and sample
-**1 step** with the LCM sampler at timestep {t_star} (scheduler "sgm_uniform"/"simple" in ComfyUI), CFG 1.
+**{steps} step{"s" if steps > 1 else ""}** with the LCM sampler at timestep{"s" if steps > 1 else ""} {", ".join(map(str, ts))} (scheduler "sgm_uniform"/"simple" in
+ComfyUI{"; with several steps check that the sampler's timesteps are these" if steps > 1 else ""}), CFG 1.
 {f"{chr(10)}Samples from the final generator (fixed validation prompts and seeds):{chr(10)}{chr(10)}![samples](samples.png)" if has_samples else ""}
 """
     (final / "README.md").write_text(text)

@@ -39,7 +39,11 @@ class DMDConfig:
     real_guidance_scale: float = field(3.0, "CFG scale of the real score (DMD: 3, DMD2: 1.75)")
     t_min: int = field(20, "lowest timestep of the distribution-matching loss (0.02 T)")
     t_max: int = field(980, "highest timestep of the distribution-matching loss (0.98 T)")
-    conditioning_timestep: int = field(999, "timestep t* at which the generator is called")
+    conditioning_timestep: int = field(999, "timestep t* at which the one-step generator is called (the first of "
+                                            "generator_timesteps when those are given)")
+    generator_timesteps: list[int] = field(default_factory=lambda: [999], help=(
+        "the generator's sampling timesteps, decreasing: [999] one step; e.g. 999 749 499 249 for DMD2's 4-step "
+        "generator, trained by backward simulation"))
     fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
     dm_weight: float = field(1.0, "weight of the distribution-matching loss")
     fake_loss_weighting: Literal["eps", "snr+1"] = field(
@@ -60,6 +64,16 @@ class RegressionConfig:
     verify_noise: bool = field(False, "check regenerated pair noise against the stored digests")
     allow_guidance_mismatch: bool = field(
         False, "train on pairs made with a teacher guidance other than dmd.real_guidance_scale")
+
+
+@dataclass
+class GANConfig:
+    real_latents: Optional[str] = field(None, "real-latent store (python -m sd_dmd.encode_images); set = GAN on")
+    generator_weight: float = field(1e-3, "weight of the generator's GAN term (DMD2: 1e-3 SD1.5, 5e-3 SDXL)")
+    discriminator_weight: float = field(1e-2, "weight of the discriminator loss in the fake turn (DMD2: 1e-2)")
+    start_step: int = field(0, "switch the GAN on at this generator step (0: from the start; or resume a finished "
+                               "run with a larger max_steps, a GAN store and a lower lr: DMD2's second stage)")
+    batch_size: int = field(0, "real latents per fake update, per process (0: train.batch_size)")
 
 
 @dataclass
@@ -126,6 +140,7 @@ class Config:
     lora: LorasConfig = field(default_factory=LorasConfig, help="adapters")
     dmd: DMDConfig = field(default_factory=DMDConfig, help="distribution matching")
     regression: RegressionConfig = field(default_factory=RegressionConfig, help="regression stabiliser")
+    gan: GANConfig = field(default_factory=GANConfig, help="DMD2's GAN head on the fake score, against real latents")
     data: DataConfig = field(default_factory=DataConfig, help="prompts")
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimisers")
     train: TrainConfig = field(default_factory=TrainConfig, help="loop")
@@ -138,6 +153,16 @@ class Config:
             raise ConfigError(f"dmd.t_min/dmd.t_max: need 0 <= t_min < t_max <= 999, got {d.t_min} and {d.t_max}")
         if not 0 <= d.conditioning_timestep <= 999:
             raise ConfigError(f"dmd.conditioning_timestep: must be in [0, 999], got {d.conditioning_timestep}")
+        ts = list(d.generator_timesteps)
+        if not ts or any(not 0 <= t <= 999 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ConfigError(f"dmd.generator_timesteps: need decreasing timesteps in [0, 999], got {ts}")
+        if ts == [999] and d.conditioning_timestep != 999:  # a one-step config that only sets t*
+            d.generator_timesteps = [d.conditioning_timestep]
+        d.conditioning_timestep = d.generator_timesteps[0]
+        g = self.gan
+        if g.generator_weight < 0 or g.discriminator_weight < 0 or g.start_step < 0 or g.batch_size < 0:
+            raise ConfigError("gan.generator_weight, gan.discriminator_weight, gan.start_step, gan.batch_size: "
+                              "must be >= 0")
         if d.real_guidance_scale < 0:
             raise ConfigError(f"dmd.real_guidance_scale: must be >= 0, got {d.real_guidance_scale}")
         if d.fake_updates_per_step < 1:
@@ -166,7 +191,10 @@ class Config:
 # Every other key (max_steps, learning rates, logging, checkpointing, batch sizes, ...) may change on resume.
 FIXED_ON_RESUME = ("model.pretrained_model_name_or_path", "model.revision", "model.variant", "model.resolution",
                    "lora.generator.rank", "lora.generator.alpha", "lora.generator.targets",
-                   "lora.fake.rank", "lora.fake.alpha", "lora.fake.targets", "dmd.conditioning_timestep")
+                   "lora.fake.rank", "lora.fake.alpha", "lora.fake.targets", "dmd.conditioning_timestep",
+                   "dmd.generator_timesteps")
+# what a checkpoint written before a key existed meant by it
+RESUME_DEFAULTS = {"dmd.generator_timesteps": lambda saved: [_get(saved, "dmd.conditioning_timestep")]}
 
 
 def _get(tree: dict, dotted: str):
@@ -180,7 +208,11 @@ def resume_conflicts(saved: dict, new: dict) -> list[str]:
     out = []
     for key in FIXED_ON_RESUME:
         old, cur = _get(saved, key), _get(new, key)
-        if isinstance(old, list) and isinstance(cur, list):
+        if old is None and key in RESUME_DEFAULTS:
+            old = RESUME_DEFAULTS[key](saved)
+        if key == "dmd.generator_timesteps":
+            same = [int(v) for v in old] == [int(v) for v in cur]
+        elif isinstance(old, list) and isinstance(cur, list):
             same = sorted(map(str, old)) == sorted(map(str, cur))
         else:
             same = old == cur

@@ -201,3 +201,56 @@ def test_missing_unet_refused(tmp_path, tiny_pipe_dir):
 def test_rank_zero_refused(tiny_pipe_dir):
     with pytest.raises(ModelError, match="rank"):
         DMDModel.from_pretrained(tiny_pipe_dir, generator_lora=LoraSpec(rank=0))
+
+
+def test_four_step_lora_in_a_fresh_pipeline_reproduces_the_trainers_sample(tiny_model, tiny_pipe_dir, tmp_path):
+    """DMD2's few-step generator: the saved LoRA records its timesteps, and diffusers' LCMScheduler at those
+    timesteps (guidance 0) gives the trainer's own 4-step sample when both draw the re-noising noise from the
+    same generator (issue 16)."""
+    from sd_dmd.sample import call_kwargs, resolve_lora
+
+    m = tiny_model
+    _randomize(m, GENERATOR, scale=0.1, seed=3)
+    ts = [999, 749, 499, 249]
+    m.generator_timesteps = ts
+    try:
+        save_lora(m, tmp_path / "lora4")
+    finally:
+        m.generator_timesteps = [999]
+    assert resolve_lora(str(tmp_path / "lora4")).timesteps == ts
+    z = _z()
+    ref = m.sample(z, m.encode_prompts(PROMPTS), ts, torch.Generator().manual_seed(7))
+    pipe = one_step_pipeline(tiny_pipe_dir, str(tmp_path / "lora4"))
+    out = pipe(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+               **call_kwargs(pipe, ts)).images
+    diff = (out - ref).abs().max().item()
+    assert diff <= 1e-4, diff
+    # one step of the same LoRA is another sample (the check can fail), and so is other re-noising noise
+    assert (m.sample(z, m.encode_prompts(PROMPTS), ts[:1]) - ref).abs().max() > 1e-3
+    assert (m.sample(z, m.encode_prompts(PROMPTS), ts, torch.Generator().manual_seed(8)) - ref).abs().max() > 1e-3
+
+
+def test_backward_simulation_runs_k_steps_without_grad_then_one_with(tiny_model):
+    from sd_dmd.step import backward_simulate
+
+    m = tiny_model
+    _randomize(m, GENERATOR, scale=0.05, seed=4)
+    ts = [999, 749, 499, 249]
+    cond = m.encode_prompts(PROMPTS)
+    z = _z()
+    noise = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = backward_simulate(m, z, cond, ts, 0, None)  # k = 0: the one-step case, pure noise in
+    assert torch.allclose(x, m.generate(z, cond), atol=1e-6)
+    x2 = backward_simulate(m, z, cond, ts, 2, noise)
+    with torch.no_grad():
+        x_t = z
+        for i in range(2):
+            x_t = m.schedule.add_noise(m.generate(x_t, cond, ts[i]), noise[:, i],
+                                       torch.full((2,), ts[i + 1], dtype=torch.long))
+        manual = m.generate(x_t, cond, ts[2])
+    assert torch.allclose(x2, manual, atol=1e-5)
+    # only the last call carries gradients: its input is a leaf-free constant
+    x2.sum().backward()
+    g = [p.grad for p in m.adapter_parameters(GENERATOR) if p.grad is not None]
+    assert g and any(v.abs().sum() > 0 for v in g)
+    m.unet.zero_grad(set_to_none=True)
