@@ -1,0 +1,29 @@
+"""Real images -> SD-VAE latents with captions: the real data of DMD2's GAN (sd_dmd/latents.py has the format).
+
+    python -m sd_dmd.encode_images --images photos/ --output_dir real/photos          # .txt beside each image,
+                                                                                    # or metadata.jsonl/csv
+    python -m sd_dmd.encode_images --images photos/ --captions captions.csv ...     # file name -> caption
+    python -m sd_dmd.encode_images --images 'laion/*.parquet' --output_dir real/laion --resolution 512
+    python -m sd_dmd.encode_images --images my_dataset/ ...                           # datasets save_to_disk dir
+    python -m sd_dmd.encode_images --source dataset --images user/name --split train --image_column image ...
+    python -m sd_dmd.encode_images --source digits --output_dir real/digits          # the 1,797 digits
+    accelerate launch -m sd_dmd.encode_images ...   # every process takes disjoint shards
+
+Re-running the same command resumes (complete shards are kept); another source, VAE or setting is refused naming
+what differs. Bad images (unreadable, truncated, zero-size) and missing captions are skipped, counted and named in
+the summary; all of them are listed in ``output_dir/skipped.jsonl``.
+"""
+import sys
+
+from sd_dmd.cli import guarded, run_cli
+from sd_dmd.latents import EncodeConfig, encode_images
+
+
+def main(argv=None):
+    cfg, flags = run_cli(EncodeConfig, argv, __doc__)
+    if not flags["dry_run"]:
+        guarded(encode_images, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

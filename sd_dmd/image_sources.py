@@ -1,0 +1,420 @@
+"""Image + caption sources of the real-latents store (sd_dmd/latents.py): a folder, parquet files, a Hugging Face
+``datasets`` dataset, or scikit-learn's digits.
+
+A source is a deterministic list of items (sorted file names; parquet files sorted, rows in file order; dataset rows
+in order). Item ``i`` has a name (:meth:`ImageSource.item_id`: a relative file name, ``file.parquet:row`` or
+``row 17``), a caption (``None`` when missing or empty, after :func:`sd_dmd.prompts.clean_caption`) and image bytes
+read on demand (:meth:`ImageSource.read`), so listing 500k LAION rows holds names and captions only.
+:func:`decode_image` turns bytes into a [3, R, R] tensor in [-1, 1] (RGB, alpha over white, EXIF orientation,
+centre crop, Lanczos resize as ``sd_dmd.evaluate.lanczos``) or raises :class:`BadImage` with the reason; a bad
+item is the caller's to skip and count, never a crash.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .pairs import PairsError
+from .prompts import CAPTION_COLUMNS as PROMPT_CAPTION_COLUMNS
+from .prompts import clean_caption
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# auto-detected columns, preferred first: LAION metadata (TEXT), img2dataset (jpg/txt), HF image datasets (image/text)
+CAPTION_COLUMNS = (*PROMPT_CAPTION_COLUMNS, "txt")
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+FILE_COLUMNS = ("file_name", "filename", "file", "path", "image")  # caption maps: HF imagefolder's metadata.jsonl
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # found in a folder when --captions is not given
+DIGITS_CAPTION_SEED = 0  # the template of digit image i: default_rng(DIGITS_CAPTION_SEED).integers(6, size=N)[i]
+
+
+class SourceError(PairsError):
+    """A source cannot be listed (no such path, no images, a missing column); the message names the file."""
+
+
+class BadImage(Exception):
+    """One item cannot be used; ``reason`` is '<category>: <detail>' (category: zero-size, unreadable, ...)."""
+
+    def __init__(self, category: str, detail: str = ""):
+        super().__init__(f"{category}: {detail}" if detail else category)
+        self.reason = str(self)
+
+
+def _clean(c) -> Optional[str]:
+    c = clean_caption(c) if isinstance(c, str) else None
+    return c or None
+
+
+def _pick(where, columns: Sequence[str], given: Optional[str], choices: Sequence[str], what: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise SourceError(f"{where}: {what} column '{given}' not found (columns: {list(columns)})")
+        return given
+    found = next((c for c in choices if c in columns), None)
+    if found is None:
+        raise SourceError(f"{where}: no {what} column among {list(choices)} (columns: {list(columns)}); "
+                          f"pass --{what}_column")
+    return found
+
+
+class ImageSource:
+    """Items 0..N-1: ``captions[i]`` (None = missing), :meth:`item_id`, :meth:`read` (bytes or a tensor each)."""
+
+    kind = ""
+    captions: list[Optional[str]]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def item_id(self, i: int) -> str:
+        raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> list:
+        """Raw images of ``indices``, in order: bytes, a [3, R, R] tensor, or a :class:`BadImage`."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Human-readable settings for the manifest (paths, columns); not compared on resume."""
+        return {}
+
+    def fingerprint(self) -> dict:
+        """What a resumed store must share with its source: item count, names and captions (hashes)."""
+        items, caps = hashlib.sha256(), hashlib.sha256()
+        for i in range(len(self)):
+            items.update(self.item_id(i).encode() + b"\n")
+            caps.update(json.dumps(self.captions[i]).encode() + b"\n")
+        return {"kind": self.kind, "item_count": len(self), "items_sha256": items.hexdigest(),
+                "captions_sha256": caps.hexdigest()}
+
+
+def _read_bytes(path: Path):
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return BadImage("unreadable", f"{type(e).__name__}: {e.strerror or e}")
+
+
+def _caption_map(path: Path, file_column: Optional[str], caption_column: Optional[str]) -> dict[str, Optional[str]]:
+    """file name -> caption from a CSV (header row) or JSONL file."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: unreadable caption file ({type(e).__name__}: {e})") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise SourceError(f"{path}: no rows of file name -> caption (a CSV with a header row, or JSON objects)")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    fcol = _pick(path, columns, file_column, FILE_COLUMNS, "file")
+    ccol = _pick(path, columns, caption_column, CAPTION_COLUMNS, "caption")
+    return {str(r.get(fcol)).replace("\\", "/"): _clean(r.get(ccol)) for r in rows if r.get(fcol) is not None}
+
+
+class FolderSource(ImageSource):
+    """Image files under ``root`` (recursive, sorted by relative path); captions from ``captions`` (CSV/JSONL mapping
+    a file name, relative path or bare name, to its caption), else the folder's metadata.jsonl/metadata.csv, else a
+    ``.txt`` beside each image (same stem)."""
+
+    kind = "folder"
+
+    def __init__(self, root: str | Path, captions: Optional[str] = None, file_column: Optional[str] = None,
+                 caption_column: Optional[str] = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"{root}: no such folder")
+        self.files = sorted((p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                             if p.suffix.lower() in IMAGE_EXT and p.is_file()))
+        if not self.files:
+            raise SourceError(f"{root}: folder holds no images ({', '.join(IMAGE_EXT)})")
+        found = [self.root / m for m in METADATA_FILES if (self.root / m).is_file()]
+        self.caption_file = Path(captions) if captions else (found[0] if found else None)
+        if self.caption_file is not None:
+            if not self.caption_file.is_file():
+                raise SourceError(f"{captions}: no such caption file")
+            table = _caption_map(self.caption_file, file_column, caption_column)
+            self.captions = [table.get(f, table.get(Path(f).name)) for f in self.files]
+            self.unmatched = len(set(table) - set(self.files) - {Path(f).name for f in self.files})
+        else:
+            self.captions = [self._sidecar(f) for f in self.files]
+            self.unmatched = 0
+
+    def _sidecar(self, rel: str) -> Optional[str]:
+        try:
+            return _clean((self.root / rel).with_suffix(".txt").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def item_id(self, i: int) -> str:
+        return self.files[i]
+
+    def read(self, indices):
+        return [_read_bytes(self.root / self.files[i]) for i in indices]
+
+    def describe(self):
+        return {"path": str(self.root.resolve()),
+                "captions": str(self.caption_file.resolve()) if self.caption_file else ".txt beside each image"}
+
+
+def expand_parquet(sources: Sequence[str]) -> list[Path]:
+    """Files, globs and directories -> sorted, de-duplicated .parquet files."""
+    files: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.parquet") if q.is_file())
+        elif any(ch in s for ch in "*?["):
+            found = sorted(Path(q) for q in glob.glob(s, recursive=True) if q.endswith(".parquet"))
+        elif p.is_file():
+            found = [p]
+        else:
+            raise SourceError(f"{s}: no such file")
+        if not found:
+            raise SourceError(f"{s}: no .parquet files")
+        files += found
+    return list(dict.fromkeys(files))
+
+
+class ParquetSource(ImageSource):
+    """Rows of parquet files (LAION / img2dataset / HF layout): image bytes in a binary column or a struct with
+    ``bytes`` (and ``path``); captions auto-detected among :data:`CAPTION_COLUMNS`. Only captions are read up front;
+    images are read per row group (the last one read is cached: a shard reads its rows in order)."""
+
+    kind = "parquet"
+
+    def __init__(self, sources: Sequence[str], image_column: Optional[str] = None,
+                 caption_column: Optional[str] = None):
+        import pyarrow.parquet as pq
+
+        self.files = expand_parquet(sources)
+        self.root = Path(os.path.commonpath([str(p.resolve().parent) for p in self.files]))
+        self.names = [p.resolve().relative_to(self.root).as_posix() for p in self.files]
+        self.captions, starts, self.group_starts, self.image_columns = [], [0], [], []
+        for p in self.files:
+            try:
+                pf = pq.ParquetFile(p)
+                names = pf.schema_arrow.names
+                self.image_columns.append(_pick(p, names, image_column, IMAGE_COLUMNS, "image"))
+                ccol = _pick(p, names, caption_column, CAPTION_COLUMNS, "caption")
+                caps = pf.read(columns=[ccol]).column(ccol).to_pylist()
+            except SourceError:
+                raise
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                raise SourceError(f"{p}: unreadable parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+                    from None
+            self.captions += [_clean(c) for c in caps]
+            starts.append(starts[-1] + len(caps))
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            self.group_starts.append(np.cumsum([0] + sizes[:-1]))
+        self.file_starts = np.array(starts)
+        self.image_column, self.caption_column = image_column, caption_column
+        self._cached = (None, None)
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        f = int(np.searchsorted(self.file_starts, i, side="right") - 1)
+        return f, i - int(self.file_starts[f])
+
+    def item_id(self, i: int) -> str:
+        f, row = self._locate(i)
+        return f"{self.names[f]}:{row}"
+
+    def _group(self, f: int, g: int):
+        import pyarrow.parquet as pq
+
+        if self._cached[0] != (f, g):
+            col = self.image_columns[f]
+            self._cached = ((f, g), pq.ParquetFile(self.files[f]).read_row_group(g, columns=[col]).column(col))
+        return self._cached[1]
+
+    def read(self, indices):
+        out = []
+        for i in indices:
+            f, row = self._locate(i)
+            g = int(np.searchsorted(self.group_starts[f], row, side="right") - 1)
+            try:
+                value = self._group(f, g)[row - int(self.group_starts[f][g])].as_py()
+            except Exception as e:
+                out.append(BadImage("unreadable", f"{type(e).__name__}: {e}"))
+                continue
+            out.append(_image_value(value, self.files[f].parent))
+        return out
+
+    def describe(self):
+        return {"path": str(self.root), "files": self.names, "image_columns": sorted(set(self.image_columns)),
+                "caption_column": self.caption_column or "auto (" + "/".join(CAPTION_COLUMNS) + ")"}
+
+
+def _image_value(value, base: Optional[Path] = None):
+    """bytes | {'bytes', 'path'} | a path string (relative to ``base``) -> bytes or BadImage."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        p = Path(value)
+        return _read_bytes(p if p.is_absolute() or base is None else base / p)
+    if value is None:
+        return BadImage("missing image", "no bytes and no path")
+    if hasattr(value, "save"):  # a PIL image (a dataset whose column could not be read undecoded)
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    return BadImage("unreadable", f"unsupported image value {type(value).__name__}")
+
+
+class DatasetSource(ImageSource):
+    """A ``datasets`` dataset: a ``save_to_disk`` directory (``load_from_disk``) or a ``load_dataset`` name/path
+    (``split``). Image columns are read undecoded (``datasets.Image(decode=False)``) and decoded here, so a bad image
+    is one skipped row."""
+
+    kind = "dataset"
+
+    def __init__(self, name_or_path: str, split: str = "train", image_column: Optional[str] = None,
+                 caption_column: Optional[str] = None):
+        import datasets
+
+        p = Path(name_or_path)
+        try:
+            if p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
+                ds = datasets.load_from_disk(str(p))
+            else:
+                ds = datasets.load_dataset(name_or_path, split=split)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise SourceError(f"{name_or_path}: no split '{split}' (splits: {list(ds)}); pass --split")
+                ds = ds[split]
+        except SourceError:
+            raise
+        except Exception as e:
+            raise SourceError(f"{name_or_path}: cannot load the dataset ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        self.image_column = _pick(name_or_path, ds.column_names, image_column, IMAGE_COLUMNS, "image")
+        self.caption_column = _pick(name_or_path, ds.column_names, caption_column, CAPTION_COLUMNS, "caption")
+        if isinstance(ds.features[self.image_column], datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.name, self.split, self.ds = name_or_path, split, ds
+        self.captions = [_clean(c) for c in ds[self.caption_column]]
+        self.dataset_fingerprint = getattr(ds, "_fingerprint", None)
+
+    def item_id(self, i: int) -> str:
+        return f"row {i}"
+
+    def read(self, indices):
+        try:
+            values = self.ds[list(indices)][self.image_column]
+        except Exception:  # one bad row spoils the batch: read row by row
+            values = []
+            for i in indices:
+                try:
+                    values.append(self.ds[int(i)][self.image_column])
+                except Exception as e:
+                    values.append(BadImage("unreadable", f"{type(e).__name__}: {e}"))
+        return [v if isinstance(v, BadImage) else _image_value(v) for v in values]
+
+    def describe(self):
+        return {"path": self.name, "split": self.split, "image_column": self.image_column,
+                "caption_column": self.caption_column, "dataset_fingerprint": self.dataset_fingerprint}
+
+
+class DigitsSource(ImageSource):
+    """scikit-learn's 1,797 digits as 32x32 images (``sd_dmd.digits.data.load_images``); item i's caption is a
+    template of its label, chosen by ``default_rng(DIGITS_CAPTION_SEED)`` (the templates of the training prompts)."""
+
+    kind = "digits"
+
+    def __init__(self):
+        from .digits.data import TEMPLATES, WORDS, load_images
+
+        self.images, labels = load_images()
+        pick = np.random.default_rng(DIGITS_CAPTION_SEED).integers(len(TEMPLATES), size=len(labels))
+        self.captions = [TEMPLATES[t].format(w=WORDS[k], k=k) for t, k in zip(pick.tolist(), labels.tolist())]
+
+    def item_id(self, i: int) -> str:
+        return f"digit {i}"
+
+    def read(self, indices):
+        return [self.images[i] for i in indices]
+
+    def describe(self):
+        return {"path": "sklearn.datasets.load_digits", "captions": "digits.data.TEMPLATES, "
+                f"default_rng({DIGITS_CAPTION_SEED}).integers(len(TEMPLATES), size=N)"}
+
+
+def _rgb(img):
+    """RGB; transparent pixels over white (as LAION tooling does), not black."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+_BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def decode_image(data, resolution: int) -> torch.Tensor:
+    """bytes (or a ready tensor) -> float [3, resolution, resolution] in [-1, 1]; raises :class:`BadImage`."""
+    from PIL import Image, ImageOps
+
+    from .evaluate import lanczos
+
+    if isinstance(data, BadImage):
+        raise data
+    if isinstance(data, torch.Tensor):
+        if tuple(data.shape) != (3, resolution, resolution):
+            raise BadImage("wrong size", f"{list(data.shape)}, expected [3, {resolution}, {resolution}]")
+        return data.float()
+    if not data:
+        raise BadImage("zero-size", "0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode it all now: a truncated file fails here, not later
+            img = _rgb(ImageOps.exif_transpose(img))
+        if min(img.size) < 1:
+            raise BadImage("zero-size", f"{img.size[0]}x{img.size[1]} pixels")
+        img = lanczos(img, resolution)
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+        raise BadImage("unreadable", f"{type(e).__name__}: {_BYTESIO.sub('', str(e))[:200]}") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
+def open_source(kind: str, images: Optional[str], captions: Optional[str] = None, image_column: Optional[str] = None,
+                caption_column: Optional[str] = None, file_column: Optional[str] = None,
+                split: str = "train") -> ImageSource:
+    """The source named by the CLI settings; ``kind='auto'``: a datasets directory, a folder of images, or parquet."""
+    if kind == "digits":
+        return DigitsSource()
+    if not images:
+        raise SourceError("images: a folder, parquet file/glob or dataset is required (--images PATH)")
+    if kind == "auto":
+        p = Path(images)
+        if p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            kind = "dataset"
+        elif images.endswith(".parquet") or (p.is_dir() and any(p.rglob("*.parquet"))):
+            kind = "parquet"
+        elif p.is_dir():
+            kind = "folder"
+        else:
+            raise SourceError(f"{images}: not a folder, a .parquet file/glob or a dataset directory; pass --source")
+    if kind == "folder":
+        return FolderSource(images, captions, file_column, caption_column)
+    if kind == "parquet":
+        return ParquetSource([images], image_column, caption_column)
+    if kind == "dataset":
+        return DatasetSource(images, split, image_column, caption_column)
+    raise SourceError(f"source: unknown kind '{kind}'")
