@@ -42,3 +42,21 @@ def train_setup(tiny_pipe_dir, tmp_path_factory):
                          "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
                          "--num_pairs", "8"])
     return {"pipe": tiny_pipe_dir, "pairs": str(d / "pairs"), "prompts": str(d / "prompts.txt"), "dir": d}
+
+
+@pytest.fixture(scope="session")
+def real_latents(tiny_pipe_dir, tmp_path_factory):
+    """A real-latent store (DMD2's GAN data) of 8 random 16x16 images with captions, by the tiny pipeline's VAE."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_dmd import encode_images
+
+    d = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+        (d / f"img{i}.txt").write_text(["a red cube", "a blue sphere"][i % 2])
+    encode_images.main(["--images", str(d), "--pretrained_model_name_or_path", tiny_pipe_dir,
+                        "--output_dir", str(d / "store"), "--resolution", "16"])
+    return str(d / "store")

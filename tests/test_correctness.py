@@ -171,3 +171,39 @@ def test_accumulation_equals_one_big_batch(setup, regression, ckpt):
         for kind in ("g", "f"):
             for a, b in zip(got[kind], want[kind]):
                 assert rel(a, b) <= 1e-5, (kind, ttur, rel(a, b))
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_gan_and_backward_simulation_train_only_their_parts(setup, real_latents, ckpt):
+    """DMD2 on the shared UNet (issue 16): the GAN's generator term reaches the generator only (the fake LoRA and
+    the head it passes through neither move nor keep a gradient), the discriminator term trains the head and the
+    fake LoRA in the fake turn, and backward simulation over 2 timesteps leaves the base weights untouched."""
+    t = build(setup, "l2", ckpt, "--gan.real_latents", real_latents, "--gan.generator_weight", "0.1",
+              "--gan.discriminator_weight", "0.1", "--dmd.generator_timesteps", "999", "499")
+    frozen = _frozen_snapshot(t)
+    seen = watch_turns(t)
+    head = t.model.gan_head
+    turn = t.generator_turn
+
+    def generator_turn_leaves_head(*a, **k):
+        before = [p.detach().clone() for p in head.parameters()]
+        out = turn(*a, **k)
+        assert all(torch.equal(x, y) for x, y in zip(before, head.parameters())), "the head moved in a G turn"
+        assert all(p.grad is None for p in head.parameters()), "the head holds gradients after a G turn"
+        return out
+
+    t.generator_turn = generator_turn_leaves_head
+    configure(t, 2, 1, 2)
+    head_before = [p.detach().clone() for p in head.parameters()]
+    depths = set()
+    for step in range(4):
+        depths.add(t._sim_steps())
+        stats, applied = t.train_step()
+        t.step += 1
+        assert applied, stats
+        assert {"loss_gan_generator", "loss_gan_discriminator", "gan_d_real_acc"} <= stats.keys(), stats.keys()
+    assert seen == {"g": 4, "f": 8}
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head.parameters()))  # the check can fail
+    assert depths == {0, 1}  # both the pure-noise step and the simulated one ran
+    after = _frozen_snapshot(t)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
