@@ -413,10 +413,11 @@ class Trainer:
             ckpt.load_optimizer(self.opt_d.optimizer, path / "optimizer_discriminator")
             self.sched_d.load_state_dict(state["sched_discriminator"])
             self._set_base_lr(self.opt_d, self.sched_d, self.cfg.optim.lr_fake)
-        elif self.head_params:  # DMD2's second stage: the GAN switched on when resuming a run made without it
-            note = f"GAN on from step {max(state['step'], self.cfg.gan.start_step)}: the discriminator head starts fresh"
-            self.history.append({"step": state["step"], "note": note})
-            self.log(note)
+        notes = []
+        if self.head_params and not (path / "gan_head.safetensors").exists():
+            # DMD2's second stage: the GAN switched on when resuming a run made without it
+            notes.append(f"GAN on from step {max(state['step'], self.cfg.gan.start_step)}: the discriminator head "
+                         "starts fresh")
         lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
             ("optim.lr_generator", *self._set_base_lr(self.opt_g, self.sched_g, self.cfg.optim.lr_generator)),
             ("optim.lr_fake", *self._set_base_lr(self.opt_f, self.sched_f, self.cfg.optim.lr_fake))) if old != new]
@@ -433,7 +434,8 @@ class Trainer:
         self.nonfinite_total = state["nonfinite_total"]
         self.history = state["history"]
         if lr_changes:  # DMD2's second stage: the same run, resumed at a lower learning rate
-            note = f"resumed at step {self.step} with {', '.join(lr_changes)} (the schedule continues from there)"
+            notes.append(f"resumed at step {self.step} with {', '.join(lr_changes)} (the schedule continues from there)")
+        for note in notes:
             self.history.append({"step": self.step, "note": note})
             self.log(note)
         saved_n, n = state["num_processes"], self.acc.num_processes

@@ -124,6 +124,50 @@ def test_resume_at_another_learning_rate_uses_it(setup, tmp_path):
     assert notes == ["resumed at step 2 with optim.lr_generator 0.001 -> 5e-05 (the schedule continues from there)"]
 
 
+def test_dmd2_second_stage_resumes_a_finished_run_with_the_gan_on(setup, real_latents, tmp_path):
+    """DMD2's recipe: a finished run, resumed with the GAN switched on at a lower lr; then that stage resumes too."""
+    import json
+    import subprocess
+
+    run = tmp_path / "stage"
+    train(_cfg(setup, run, "--train.max_steps", "2"))
+    gan = ["--gan.real_latents", real_latents, "--gan.start_step", "2", "--optim.lr_generator", "1e-4"]
+    t = train(_cfg(setup, run, "--train.max_steps", "4", *gan), resume=True)
+    notes = [h["note"] for h in t.history if "note" in h]
+    assert notes[0] == "GAN on from step 2: the discriminator head starts fresh", notes
+    assert "optim.lr_generator 0.001 -> 0.0001" in notes[1]
+    assert "loss_gan_generator" in t.history[-1] and "loss_gan_discriminator" in t.history[-1]
+    assert (run / "checkpoint-4" / "gan_head.safetensors").is_file()
+    head = {k: v.clone() for k, v in t.model.gan_head.state_dict().items()}
+    t2 = train(_cfg(setup, run, "--train.max_steps", "6", *gan), resume=True)  # the head and its optimiser load
+    assert not [h for h in t2.history if "note" in h and h["step"] == 4]
+    assert any(not torch.equal(head[k], v) for k, v in t2.model.gan_head.state_dict().items())
+    assert "GAN (DMD2) | on from step 2" in (run / "final" / "README.md").read_text()
+    state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["sched_discriminator"]["last_epoch"] == 4  # stepped at steps 3 to 6 only
+
+
+def test_four_step_run_records_and_samples_its_timesteps(setup, tmp_path):
+    import json
+
+    run = tmp_path / "four"
+    t = train(_cfg(setup, run, "--train.max_steps", "2", "--dmd.generator_timesteps", "999", "749", "499", "249"))
+    assert json.loads((run / "final" / "sd_dmd_sampling.json").read_text())["timesteps"] == [999, 749, 499, 249]
+    assert json.loads((run / "checkpoint-2" / "generator" / "sd_dmd_sampling.json").read_text())["timesteps"] == [
+        999, 749, 499, 249]
+    card = (run / "final" / "README.md").read_text()
+    assert "num_inference_steps=4, timesteps=[999, 749, 499, 249]" in card and "**4 steps**" in card
+    res = subprocess.run([sys.executable, "-m", "sd_dmd.sample", "--model", setup["pipe"], "--lora", str(run),
+                          "--prompt", "a red cube", "--out", str(tmp_path / "s.png")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sampling 4 step(s) at timesteps [999, 749, 499, 249]" in res.stdout
+    assert (tmp_path / "s.png").is_file()
+    # --resume may not change what the generator is
+    with pytest.raises(SystemExit):
+        train_text2image.main(_argv(setup, run, "--train.max_steps", "3", "--resume"))
+
+
 def test_adamw8bit_and_lpips_paths(setup, tmp_path):
     from diffusers import AutoencoderTiny
 
