@@ -79,7 +79,29 @@ def make_pairs(model: str, res: int, out: Path, n: int) -> str:
     return str(out / "pairs")
 
 
-def shared_trainer(model, res, pairs, prompts, batch, precision, gc_on, opt8, reg, taesd_dir, rank):
+def make_real_latents(model: str, res: int, out: Path, n: int) -> str:
+    """A real-latent store for the GAN rows: n random images encoded by the model's VAE (sd_dmd.encode_images)."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_dmd import encode_images
+
+    d = out / "real_images"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"benchmark prompt {i}")
+    encode_images.main(["--images", str(d), "--pretrained_model_name_or_path", model, "--output_dir",
+                        str(out / "real"), "--resolution", str(res)])
+    return str(out / "real")
+
+
+DMD2_OPTIONS = {"none": {}, "gan": {"gan": True}, "4step": {"steps": 4}, "gan+4step": {"gan": True, "steps": 4}}
+
+
+def shared_trainer(model, res, pairs, prompts, batch, precision, gc_on, opt8, reg, taesd_dir, rank, real=None,
+                   timesteps=(999,)):
     from accelerate import Accelerator
 
     from sd_dmd.config import from_dict
@@ -97,6 +119,8 @@ def shared_trainer(model, res, pairs, prompts, batch, precision, gc_on, opt8, re
         "data": {"prompts": [prompts]},
         "optim": {"optimizer": "adamw8bit" if opt8 else "adamw", "warmup_steps": 0},
         "train": {"batch_size": batch, "mixed_precision": precision, "gradient_checkpointing": gc_on, "max_steps": 10},
+        "dmd": {"generator_timesteps": list(timesteps)},
+        "gan": {"real_latents": real},
         "logging": {"tracker": "none"}})
     return Trainer(cfg, Accelerator(mixed_precision=precision), log=lambda *a: None)
 
@@ -205,8 +229,12 @@ def run_row(spec: dict) -> dict:
     s = spec
     mem = PeakMemory(host=s.get("isolated", False))
     if s["design"] == "shared":
+        d2 = DMD2_OPTIONS[s.get("dmd2", "none")]
         tr = shared_trainer(s["model"], s["res"], s["pairs"], s["prompts"], s["batch"], s["precision"], s["gc"] == "on",
-                            s["opt8"] == "on", s["reg"], s["taesd"], s["rank"])
+                            s["opt8"] == "on", s["reg"], s["taesd"], s["rank"], s["real"] if d2.get("gan") else None,
+                            [999, 749, 499, 249][:d2.get("steps", 1)])
+        if d2.get("steps"):  # the deepest backward simulation (3 no-grad G calls first): the step's upper bound
+            tr.draws.sim_steps = lambda step: d2["steps"] - 1
         t_step = _timed(tr.train_step, s["repeats"])
         peak = mem.peak_gib()
         state = shared_state_gib(tr)
@@ -243,6 +271,8 @@ def run_row(spec: dict) -> dict:
 
 def format_row(spec: dict, r: dict | None) -> str:
     name = "shared UNet + 2 LoRA" if spec["design"] == "shared" else "three UNets (DMD2 layout)"
+    if spec["design"] == "shared" and spec.get("dmd2", "none") != "none":
+        name += {"gan": " + GAN head", "4step": ", 4-step G (k=3)", "gan+4step": " + GAN head, 4-step G (k=3)"}[spec["dmd2"]]
     head = f"| {name} | {spec['batch']} | {spec['precision']} | {spec['gc']} | {spec['opt8']} | {spec['reg']} |"
     state = ""
     if r is not None and "weights" in r:
@@ -299,6 +329,9 @@ def main():
     p.add_argument("--regression", nargs="+", default=["none", "taesd", "vae"])
     p.add_argument("--baseline", nargs="+", default=["yes"], help="also run the three-UNet baseline (yes/no)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of both adapters")
+    p.add_argument("--dmd2", nargs="+", default=["none"], choices=list(DMD2_OPTIONS),
+                   help="DMD2 rows of the shared design: GAN head on the fake score (real-latent batch of B), "
+                        "4-step generator (backward simulation at its deepest, k=3), or both")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--isolate", action="store_true", help="each row in its own child process (per-row memory)")
     p.add_argument("--profile", action="store_true", help="print the top operators of one shared-design step")
@@ -309,6 +342,7 @@ def main():
     model, res = bench_model(args.model, tmp)
     (tmp / "p.txt").write_text("\n".join(f"benchmark prompt {i}" for i in range(16)) + "\n")
     pairs = make_pairs(model, res, tmp, max(args.batch)) if set(args.regression) - {"none"} else str(tmp / "none")
+    real = make_real_latents(model, res, tmp, max(args.batch)) if set(args.dmd2) - {"none", "4step"} else None
     taesd_dir = str(tmp / "taesd")
     AutoencoderTiny(latent_channels=4).save_pretrained(taesd_dir)
     from diffusers import UNet2DConditionModel
@@ -322,8 +356,8 @@ def main():
                                                    args.adamw8bit, args.regression):
         base = dict(model=model, res=res, pairs=pairs, prompts=str(tmp / "p.txt"), taesd=taesd_dir, batch=b,
                     precision=prec, gc=gco, opt8=o8, reg=reg, rank=args.rank, repeats=args.repeats,
-                    profile=args.profile, latent=latent)
-        specs = [dict(base, design="shared")]
+                    profile=args.profile, latent=latent, real=real)
+        specs = [dict(base, design="shared", dmd2=d) for d in args.dmd2]
         if "yes" in args.baseline and reg == "none":
             specs.append(dict(base, design="three", profile=False))
         for spec in specs:

@@ -25,12 +25,13 @@ import yaml
 from . import checkpoint as ckpt
 from .config import ConfigError, save_config
 from .export import KOHYA_FILE, export_kohya, load_adapter, save_lora
+from .model_card import write_model_card
 from .losses import make_regression_loss
 from .model import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec
 from .pairs import PairsStore, teacher_identity
 from .prompts import PromptFilter, read_prompts
-from .schedule import sample_timesteps
-from .step import CriticBatch, GeneratorBatch, split_batch, critic_loss, generator_loss, generator_samples
+from .draws import Draws
+from .step import critic_loss, generator_loss, generator_samples, split_batch
 from .preflight import check_paths
 from .train_config import Config, resolve_precision, resume_conflicts
 
@@ -62,9 +63,6 @@ def _decoder(cfg: Config, model: DMDModel, device):
         taesd.enable_gradient_checkpointing()
     # AutoencoderTiny works on SD's scaled latents (its scaling_factor is 1) and returns [-1, 1] images
     return lambda z: taesd.decode(z.to(taesd.dtype)).sample.float()
-
-
-SIM_STREAM = 2  # SeedSequence([seed, step, SIM_STREAM]) picks the backward-simulation depth of a step
 
 
 def resume_seed(seed: int, step: int, rank: int) -> int:
@@ -167,9 +165,8 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.gen_params, decay=cfg.train.ema_decay)
-        # process r draws its prompts, noise, timesteps and pairs from (seed, r)
-        self.rng = torch.Generator("cpu").manual_seed(
-            int(np.random.SeedSequence([cfg.train.seed, accelerator.process_index]).generate_state(1)[0]))
+        self.draws = Draws(cfg, self.prompts, self.latent_shape, m.schedule.num_train_timesteps, dev,
+                           accelerator.process_index, self.store, self.real_store)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -180,49 +177,13 @@ class Trainer:
     def _samples_per_step_per_process(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
 
-    # ----- sampling ---------------------------------------------------------------------------------
-    def _randn(self, n: int) -> torch.Tensor:
-        return torch.randn((n, *self.latent_shape), generator=self.rng).to(self.acc.device)
-
-    def _prompts(self, n: int) -> list[str]:
-        idx = torch.randint(0, len(self.prompts), (n,), generator=self.rng)
-        return [self.prompts[i] for i in idx.tolist()]
-
-    def _timesteps(self, n: int, lo: int, hi: int) -> torch.Tensor:
-        return sample_timesteps(n, lo, hi, generator=self.rng, device=self.acc.device)
+    # ----- what a step reads ---------------------------------------------------------------------------
+    @property
+    def rng(self) -> torch.Generator:
+        return self.draws.rng
 
     def gan_on(self) -> bool:
         return self.real_store is not None and self.step >= self.cfg.gan.start_step
-
-    def _sim_steps(self) -> int:
-        """How many of G's timesteps the backward simulation runs before the trained call: uniform, and the
-        same on every process (a function of (seed, step) only), so every rank runs the same graph."""
-        n = len(self.cfg.dmd.generator_timesteps)
-        if n == 1:
-            return 0
-        return int(np.random.SeedSequence([self.cfg.train.seed, self.step, SIM_STREAM]).generate_state(1)[0] % n)
-
-    def _sim_noise(self, n: int, k: int) -> Optional[torch.Tensor]:
-        if k == 0:
-            return None
-        return torch.randn((n, k, *self.latent_shape), generator=self.rng).to(self.acc.device)
-
-    def _draw_generator_batch(self) -> GeneratorBatch:
-        """One generator turn's data for all micro-batches at once, so that accumulating K micro-batches
-        of B equals one step on the batch of K * B."""
-        cfg, dev = self.cfg, self.acc.device
-        n = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-        k = self._sim_steps()
-        batch = GeneratorBatch(self._prompts(n), self._randn(n), self._timesteps(n, cfg.dmd.t_min, cfg.dmd.t_max),
-                               self._randn(n), sim_steps=k, sim_noise=self._sim_noise(n, k))
-        if self.gan_on():
-            batch.gan_t, batch.gan_noise = self._timesteps(n, 0, self.model.schedule.num_train_timesteps - 1), self._randn(n)
-        if self.store is not None:
-            k = cfg.regression.batch_size * cfg.train.gradient_accumulation_steps
-            rows = torch.randint(0, len(self.store), (k,), generator=self.rng).tolist()
-            z_ref, y_ref, batch.ref_prompts = self.store.batch(rows, verify=cfg.regression.verify_noise)
-            batch.ref_z, batch.ref_y = z_ref.to(dev), y_ref.to(dev)
-        return batch
 
     # ----- gradient plumbing ----------------------------------------------------------------------
     def _any_process(self, flag: bool) -> bool:
@@ -279,7 +240,7 @@ class Trainer:
         n_acc = cfg.train.gradient_accumulation_steps
         stats: dict = {}
         samples = []
-        for mb in self._draw_generator_batch().split(n_acc):
+        for mb in self.draws.generator_batch(self.step, self.gan_on()).split(n_acc):
             with acc.autocast():
                 loss, s, x, cond = generator_loss(self.model, mb, dm_weight=cfg.dmd.dm_weight,
                                                   regression=self.reg_loss, regression_weight=cfg.regression.weight,
@@ -301,22 +262,13 @@ class Trainer:
         cfg, m, acc = self.cfg, self.model, self.acc
         n_acc = cfg.train.gradient_accumulation_steps
         n = cfg.train.batch_size * n_acc
-        t_all = m.schedule.num_train_timesteps - 1
         if samples is None:
-            prompts, z = self._prompts(n), self._randn(n)
-            n_ts = len(cfg.dmd.generator_timesteps)
-            k = int(torch.randint(0, n_ts, (1,), generator=self.rng)) if n_ts > 1 else 0
+            prompts, z, k, sim_noise = self.draws.fresh_samples(n)
             with acc.autocast():
-                x, cond = generator_samples(m, z, prompts, cfg.dmd.generator_timesteps, k, self._sim_noise(n, k))
+                x, cond = generator_samples(m, z, prompts, cfg.dmd.generator_timesteps, k, sim_noise)
             samples = list(zip(split_batch(x, n_acc), split_batch(cond, n_acc)))
-        batch = CriticBatch(self._timesteps(n, 0, t_all), self._randn(n))
         gan = self.gan_on()
-        if gan:
-            r = (cfg.gan.batch_size or cfg.train.batch_size) * n_acc
-            rows = torch.randint(0, len(self.real_store), (r,), generator=self.rng).tolist()
-            real, batch.real_prompts = self.real_store.batch(rows)
-            batch.real, batch.real_t, batch.real_noise = real.to(acc.device), self._timesteps(r, 0, t_all), self._randn(r)
-            batch.gan_t, batch.gan_noise = self._timesteps(n, 0, t_all), self._randn(n)
+        batch = self.draws.critic_batch(n, gan)
         stats: dict = {}
         for (x, cond), mb in zip(samples, batch.split(n_acc)):
             with acc.autocast():
@@ -588,81 +540,6 @@ class Trainer:
 
     def _on_stop_signal(self, signum, frame):
         self.stop_signal = signum
-
-
-def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool) -> None:
-    """``final/README.md``: teacher, timesteps, settings, curve summary, and how to load both LoRA files."""
-    keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
-    rows = []
-    notes = [h["note"] for h in history if "note" in h]
-    history = [h for h in history if "note" not in h]
-    if history:
-        pick = [history[0]] + history[max(1, len(history) // 2):max(1, len(history) // 2) + 1] + [history[-1]]
-        seen = set()
-        for h in pick:
-            if h["step"] in seen:
-                continue
-            seen.add(h["step"])
-            rows.append("| " + " | ".join([str(h["step"])] + [f"{h[k]:.4g}" if k in h else "-" for k in keys]) + " |")
-    model = cfg.model.pretrained_model_name_or_path
-    g = cfg.lora.generator
-    t_star = cfg.dmd.conditioning_timestep
-    ts = list(cfg.dmd.generator_timesteps)
-    steps = len(ts)
-    how = "one step from pure noise" if steps == 1 else f"{steps} steps, LCM re-noising between them"
-    gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
-           f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
-    text = f"""---
-library_name: diffusers
-base_model: {model}
-tags: [lora, text-to-image, one-step, dmd, sd_dmd]
----
-# One-step DMD LoRA for `{model}`
-
-Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
-**one-step** generator: LoRA r={g.rank}, alpha={g.alpha}, on the frozen teacher UNet.
-
-| setting | value |
-|---|---|
-| teacher | `{model}`{f" (revision {cfg.model.revision})" if cfg.model.revision else ""} |
-| sampling timesteps | {ts} ({how}; guidance 0) |
-| real-score guidance | {cfg.dmd.real_guidance_scale} |
-| DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}] |
-| fake updates per step | {cfg.dmd.fake_updates_per_step} |
-| GAN (DMD2) | {gan} |
-| regression | {cfg.regression.loss} (lambda={cfg.regression.weight}, decoder={cfg.regression.decoder}) |
-| optimiser | {cfg.optim.optimizer}, lr G {cfg.optim.lr_generator} / fake {cfg.optim.lr_fake} |
-| steps x batch | {cfg.train.max_steps} x {cfg.train.batch_size} per process |
-| precision | autocast {cfg.train.mixed_precision}, base weights {cfg.model.weight_dtype} |
-| resolution | {cfg.model.resolution} |
-
-## Training curve (summary)
-
-| step | {' | '.join(keys)} |
-|---|{'---|' * len(keys)}
-{chr(10).join(rows) if rows else '| - |'}
-{"".join(f"{chr(10)}Note: {n}{chr(10)}" for n in notes)}
-## Use
-
-diffusers (this folder holds `pytorch_lora_weights.safetensors` with its adapter metadata):
-
-```python
-import torch
-from diffusers import StableDiffusionPipeline, LCMScheduler
-
-pipe = StableDiffusionPipeline.from_pretrained("{model}", dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]
-```
-
-ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
-`lora_up`, `.alpha` = {g.alpha}). Load it with the teacher `{model}` as a normal LoRA at strength 1.0 and sample
-**{steps} step{"s" if steps > 1 else ""}** with the LCM sampler at timestep{"s" if steps > 1 else ""} {", ".join(map(str, ts))} (scheduler "sgm_uniform"/"simple" in
-ComfyUI{"; with several steps check that the sampler's timesteps are these" if steps > 1 else ""}), CFG 1.
-{f"{chr(10)}Samples from the final generator (fixed validation prompts and seeds):{chr(10)}{chr(10)}![samples](samples.png)" if has_samples else ""}
-"""
-    (final / "README.md").write_text(text)
 
 
 # What a run directory holds; --overwrite deletes these and refuses a directory holding anything else.
