@@ -81,3 +81,22 @@ def test_saved_config_round_trips(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Cfg, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_every_shipped_config_loads_and_says_what_it_trains():
+    """Each configs/*.yaml parses and validates; the DMD2 ones switch on what their names promise."""
+    from pathlib import Path
+
+    from sd_dmd.config import load_config
+    from sd_dmd.train_config import Config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfgs = {p.stem: load_config(Config, ["--config", str(p)])[0] for p in sorted(root.glob("*.yaml"))}
+    assert {"digits", "digits_dmd2", "digits_dmd2_gan", "digits_dmd2_4step", "sd15_dmd", "sd15_dmd2",
+            "sd15_dmd2_gan", "sd15_dmd2_4step", "tiny"} <= cfgs.keys()
+    for name, c in cfgs.items():
+        assert bool(c.gan.real_latents) == ("gan" in name or "4step" in name), name
+        assert len(c.dmd.generator_timesteps) == (4 if "4step" in name else 1), name
+        if "dmd2" in name:
+            assert c.regression.loss == "none" and c.dmd.fake_updates_per_step > 1, name
+    assert cfgs["sd15_dmd2_gan"].optim.lr_generator < cfgs["sd15_dmd2"].optim.lr_generator  # DMD2's second stage
