@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Pa
         out, unet_lora_layers=adapter_state_dict(model, name),
         unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict(), safe_serialization=True)
     if name == GENERATOR:  # how to sample it: python -m sd_dmd.sample and the evaluator read this
-        import json
-
         (out / SAMPLING_FILE).write_text(json.dumps(
             {"scheduler": "LCMScheduler", "timesteps": list(model.generator_timesteps), "guidance_scale": 0.0}) + "\n")
     return out
@@ -153,6 +152,9 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp, safe_serialization=True)
+    info["timesteps"] = src.timesteps or [999]
+    (tmp / SAMPLING_FILE).write_text(json.dumps({"scheduler": "LCMScheduler", "timesteps": info["timesteps"],
+                                                 "guidance_scale": 0.0}) + "\n")  # how to sample the fused UNet
     tmp.replace(out)
     return info
 
@@ -177,7 +179,8 @@ def main(argv=None):
     info = guarded(fuse_lora_into_unet, args.model, args.lora, args.out, DTYPES[args.dtype], args.revision,
                    args.variant)
     print(f"fused LoRA {info['lora']} (rank {info['rank']}, alpha {info['alpha']}, from its "
-          f"{info['rank_alpha_from']}) into {args.model}/unet -> {args.out} ({args.dtype})")
+          f"{info['rank_alpha_from']}) into {args.model}/unet -> {args.out} ({args.dtype}); sample it with "
+          f"LCMScheduler, timesteps={info['timesteps']}, guidance_scale=0")
 
 
 if __name__ == "__main__":
