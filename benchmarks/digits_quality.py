@@ -277,9 +277,10 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
     full = args.out / "full_run_minutes.json"
     if not args.reuse:
         full.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
-    reused = (f" (with --reuse: the trained runs and the 50-step teacher rows came from the full run in {args.out}, "
-              f"which took {json.loads(full.read_text())['minutes']:.0f} min; every one-step row, the curves and the "
-              "pictures were measured again)" if args.reuse and full.exists() else "")
+    reused = (f" (with --reuse: the 50-step teacher rows and the runs whose resolved config had not changed came "
+              f"from earlier runs in {args.out} (the first full run took {json.loads(full.read_text())['minutes']:.0f} "
+              "min); the other runs were trained, and every one-step row, the curves and the pictures measured, in "
+              "this one)" if args.reuse and full.exists() else "")
     lines = [
         "# Results: DMD variants on the digits teacher",
         "",
