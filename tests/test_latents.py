@@ -294,4 +294,9 @@ def test_two_processes_make_the_same_store(folder_store, image_folder, tiny_pipe
     assert res.returncode == 0, res.stderr[-3000:]
     assert "3 shards over 2 process(es)" in res.stdout and "done: 9 items (5 encoded, 4 skipped) by 2" in res.stdout
     a, b = LatentStore(folder_store), LatentStore(out)
-    assert list(a.indices) == list(b.indices) and np.array_equal(a.rows(range(5))["latent"], b.rows(range(5))["latent"])
+    assert list(a.indices) == list(b.indices)
+    # another process count batches other images together: fp32 sums in another order may round to the
+    # neighbouring fp16 value (as in test_pairs.py), never further
+    x, y = a.rows(range(5))["latent"], b.rows(range(5))["latent"]
+    ulp = np.spacing(np.abs(x)).astype(np.float32)
+    assert (np.abs(x.astype(np.float32) - y.astype(np.float32)) - ulp).max() <= 1e-4
