@@ -3,6 +3,8 @@
     python generate_pairs.py --prompts laion6.25.parquet --pretrained_model_name_or_path PATH_OR_ID \
         --output_dir pairs/ [--num_pairs N] [--guidance_scale 3] [--scheduler pndm|ddim] ...
     accelerate launch generate_pairs.py ...   # every process takes disjoint shards
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0|1 --main_process_ip IP \
+        --main_process_port PORT --num_processes TOTAL generate_pairs.py ...   # multi-node (README)
 
 Re-running the same command resumes; a larger --num_pairs extends the store; --shuffle_prompts takes the prompts in
 a seeded order (kept on resume). The summary counts every process and ends with the store's size and path.

@@ -8,19 +8,23 @@ Layout of ``output_dir``:
 Pair ``i`` uses prompt ``prompts[i % len(prompts)]`` (in file order, or in the seeded order of
 :func:`prompt_order` with ``--shuffle_prompts``) and noise from its own CPU generator seeded by
 :func:`pair_seed` (base_seed, i), so it is re-derivable whatever the batch size, process count or resume
-point. Shard ``k`` holds indices [k * shard_size, (k + 1) * shard_size) and belongs to process
-``k % world_size``; it is written to a temp file, fsynced and renamed, so readers never see a partial one.
+point. Shard ``k`` holds indices [k * shard_size, (k + 1) * shard_size) and belongs to the global process
+``k % world_size`` (over all nodes: a multi-node store needs a shared filesystem); it is written on a writer thread
+(:class:`ShardWriter`) to a temp file, fsynced and renamed, so readers never see a partial one.
 A larger ``--num_pairs`` extends a store (the manifest is updated first, then the missing shards are made).
 Readable without this package: ``datasets.load_dataset("parquet", data_files="DIR/shards/*.parquet")``.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -475,6 +479,117 @@ def count_truncated(tokenizer, prompts: list[str]) -> int:
     return sum(len(ids) > n for ids in tokenizer(prompts, truncation=True, max_length=n + 1).input_ids)
 
 
+class ShardWriter:
+    """The per-pair extras off the sampling path: one background thread takes each sampled batch (fp16 latents, fp32
+    noise, prompts, seeds) and does the noise digests, the >77-token count, the shard's assembly, the parquet encode
+    and the atomic write (:func:`write_shard`) while the main thread samples the next batch.
+
+    Jobs run in submission order on that one thread. At most ``max_shards`` shards are held at once (the one being
+    sampled and those waiting for their write): :meth:`start` waits for the oldest write beyond that, so memory stays
+    flat. A failure in the thread is raised in the main thread by the next call (``add``, ``start``, ``finish`` or the
+    end of the ``with`` block): a :class:`PairsError` as :func:`write_shard` raised it (it names the file), anything
+    else as a RuntimeError naming the shard. The failed shard leaves no file, and nothing submitted after it runs.
+    When the main thread fails instead, the shards already sampled are still written (as when writes were inline).
+    """
+
+    def __init__(self, tokenizer, stats: PairsStats, max_shards: int = 2):
+        self._tokenizer = copy.deepcopy(tokenizer)  # its own: a fast tokenizer's truncation setting is shared state
+        self._stats = stats  # over_77_tokens and written are counted on the thread (read them after the with block)
+        self._max_shards = max_shards
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairs-writer")
+        self._jobs: deque[Future] = deque()  # submitted, outcome not yet collected; in order
+        self._writes: deque[Future] = deque()  # shard writes not known to be done
+        self._error: Optional[BaseException] = None  # the thread's first failure; later jobs are skipped
+        self._raised = False
+        self._path: Optional[Path] = None
+        self._rows: Optional[dict] = None
+        _warm_up_arrow()  # here, in set-up: on the thread it would hold the GIL the first batch's sampling needs
+
+    def start(self, path: Path) -> None:
+        """Begin the shard written to ``path``; waits while ``max_shards`` shards are already held."""
+        self._check()
+        while len(self._writes) >= self._max_shards:
+            self._writes[0].exception()  # waits; the failure itself is raised by _check, in order
+            self._check()
+        self._path, self._rows = path, {"index": [], "prompt": [], "seed": [], "noise_sha1": [], "latent": []}
+
+    def add(self, indices: list[int], prompts: list[str], seeds: list[int], noise: torch.Tensor,
+            latents16: np.ndarray) -> None:
+        """One sampled batch, in index order: its noise (fp32, CPU) and teacher latents (fp16)."""
+        self._submit(self._add_batch, self._rows, indices, prompts, seeds, noise, latents16)
+
+    def finish(self) -> None:
+        """The current shard is complete: encode and write it."""
+        self._writes.append(self._submit(self._write, self._path, self._rows))
+        self._path = self._rows = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._pool.shutdown(wait=True)
+        if exc is None:
+            self._check()
+        elif self._error is not None and not self._raised:
+            exc.add_note(f"the shard writer failed too: {self._error}")
+
+    def _submit(self, fn, *args) -> Future:
+        self._check()
+        fut = self._pool.submit(self._run, self._path, fn, *args)
+        self._jobs.append(fut)
+        return fut
+
+    def _check(self) -> None:
+        """Collect finished jobs; raise the thread's failure here, in the main thread."""
+        while self._writes and self._writes[0].done():
+            self._writes.popleft()
+        while self._jobs and self._jobs[0].done():
+            fut = self._jobs.popleft()
+            if fut.exception() is not None:
+                self._raised = True
+                fut.result()
+
+    def _run(self, path: Path, fn, *args) -> None:  # on the writer's thread
+        if self._error is not None:
+            return
+        try:
+            fn(*args)
+        except PairsError as e:  # write_shard's own (disk full...): it names the file and removed its temp file
+            self._error = e
+            raise
+        except BaseException as e:
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            self._error = RuntimeError(f"{path}: writing the shard failed ({type(e).__name__}: {e}); nothing "
+                                       "partial was left")
+            raise self._error from e
+
+    def _add_batch(self, rows: dict, indices, prompts, seeds, noise: torch.Tensor, latents16: np.ndarray) -> None:
+        self._stats.over_77_tokens += count_truncated(self._tokenizer, prompts)
+        rows["index"] += indices
+        rows["prompt"] += prompts
+        rows["seed"] += seeds
+        rows["noise_sha1"] += [noise_digest(z) for z in noise]
+        rows["latent"] += [a.tobytes() for a in latents16]
+
+    def _write(self, path: Path, rows: dict) -> None:
+        write_shard(path, rows)
+        self._stats.written += len(rows["index"])
+
+
+def _warm_up_arrow() -> None:
+    """pyarrow's first array imports pandas (~0.25 s on 2 CPU cores), once per process: pay it at set-up rather than
+    in the first shard's encode, which in a one-shard run comes after the last batch. A failure here is left for
+    write_shard to report."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"i": pa.array([0], pa.int64()), "b": pa.array([b""], pa.binary())}),
+                       pa.BufferOutputStream())
+    except Exception:
+        pass
+
+
 def gather_stats(stats: PairsStats) -> PairsStats:
     """The counts of every process summed (seconds: the slowest process)."""
     from accelerate.utils import gather_object
@@ -557,14 +672,15 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     if state.is_main_process:
         log(f"{pstats.summary()}\n{num_pairs} pairs in {n_shards} shards over {state.num_processes} process(es); "
             f"{done_before} already done")
+    writer = ShardWriter(pipe.tokenizer, stats)  # set-up like loading the pipeline: copies the tokenizer, warms pyarrow
     t0 = time.time()
     bar = tqdm(total=sum(r for _, r in todo), unit="pair", disable=not state.is_main_process, dynamic_ncols=True,
                desc=f"pairs (rank {state.process_index})")
-    with quiet_truncation_warning(pipe):
-        for k, rows in todo:
-            write_shard(shard_path(out, k), make_shard(pipe, cfg, ordered, range(k * shard_size, k * shard_size + rows),
-                                                       latent_shape, stats, bar))
-            stats.written += rows
+    with quiet_truncation_warning(pipe), writer:
+        for k, rows in todo:  # shard k is written on the writer's thread while shard k + 1 is sampled here
+            writer.start(shard_path(out, k))
+            make_shard(pipe, cfg, ordered, range(k * shard_size, k * shard_size + rows), latent_shape, writer, bar)
+            writer.finish()
     bar.close()
     stats.seconds = time.time() - t0
     total = gather_stats(stats)
@@ -578,23 +694,17 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     return total
 
 
-def make_shard(pipe, cfg, prompts: list[str], indices: range, latent_shape, stats: PairsStats, bar=None) -> dict:
-    """The rows of pairs ``indices``: teacher latents from each pair's own noise, in batches of cfg.batch_size."""
-    shard = {"index": [], "prompt": [], "seed": [], "noise_sha1": [], "latent": []}
+def make_shard(pipe, cfg, prompts: list[str], indices: range, latent_shape, writer: "ShardWriter", bar=None) -> None:
+    """Sample pairs ``indices`` (teacher latents from each pair's own noise, in batches of cfg.batch_size) and hand
+    each batch to ``writer``, which assembles and writes the shard: this thread only derives noise and samples."""
     idx = list(indices)
     for b in range(0, len(idx), cfg.batch_size):
         bidx = idx[b:b + cfg.batch_size]
         bprompts = [prompts[i % len(prompts)] for i in bidx]
         seeds = [pair_seed(cfg.seed, i) for i in bidx]
         noise = torch.stack([pair_noise(s, latent_shape) for s in seeds])
+        # (the pipeline's own no_grad: measured on 2 CPU cores, inference_mode made these calls 6-8% slower)
         lat = teacher_latents(pipe, bprompts, noise, cfg.num_inference_steps, cfg.guidance_scale, cfg.resolution)
-        lat16 = lat.detach().to("cpu", torch.float16).numpy()
-        stats.over_77_tokens += count_truncated(pipe.tokenizer, bprompts)
-        shard["index"] += bidx
-        shard["prompt"] += bprompts
-        shard["seed"] += seeds
-        shard["noise_sha1"] += [noise_digest(z) for z in noise]
-        shard["latent"] += [a.tobytes() for a in lat16]
+        writer.add(bidx, bprompts, seeds, noise, lat.detach().to("cpu", torch.float16).numpy())
         if bar is not None:
             bar.update(len(bidx))
-    return shard
