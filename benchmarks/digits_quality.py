@@ -53,7 +53,7 @@ VARIANTS = {
     "DMD2 + GAN x64 (weights scaled to the latent size)": ["--gan.generator_weight", "0.064",
                                                            "--gan.discriminator_weight", "0.64"],
     # the curves still fall at 400 steps: the x64 GAN row and its no-GAN control, trained 3x longer (checkpoints
-    # every 200 steps after 400: these runs were resumed from the 400-step ones, which a resume continues bit-exactly)
+    # every 200 steps; runs finished by a resume count, and a note beside their time says so: see time_notes)
     "DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)": [
         "--train.max_steps", "1200", "--checkpointing.every", "200"],
     "DMD2 + GAN x64, 1200 steps": ["--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64",
@@ -123,7 +123,7 @@ def plot_curves(curves: dict, levels: dict, path: Path) -> None:
                            (axes[1], "coverage_mean", "coverage (higher is better)")):
         for i, (name, pts) in enumerate(curves.items()):
             ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name,
-                    color=colors[(2 * i) % 20 + (2 * i) // 20])
+                    color=colors[(2 * i) % 20 + (2 * i) // 20])  # tab20's dark shades first, then light
         for (name, lv), style in zip(levels.items(), ("--", ":", "-.")):
             ax.axhline(lv[key], color="k", ls=style, lw=1, label=name)
         ax.set_xlabel("generator step")
@@ -163,7 +163,7 @@ def main():
 
     t0 = time.time()
     clf = load_classifier()
-    rows, grids, times, curves = {}, {}, {}, {}
+    rows, grids, times, curves, time_notes = {}, {}, {}, {}, {}
     keys = ("digits_fid", "prompt_accuracy", "coverage_mean")
 
     cache_file = args.out / "teacher_rows.json"
@@ -248,7 +248,10 @@ def main():
         if args.steps:
             argv += ["--train.max_steps", str(args.steps)]
         if args.reuse and finished_with_same_config(run, argv):
-            times[name] = json.loads(seconds_file(run).read_text())["seconds"]
+            saved = json.loads(seconds_file(run).read_text())
+            times[name] = saved["seconds"]
+            if saved.get("note"):  # how the time was made, when not by this script alone (written beside it)
+                time_notes[name] = saved["note"]
             print(f"{name}: reusing the finished run in {run} (same resolved config)", flush=True)
         else:
             t = time.time()
@@ -282,12 +285,12 @@ def main():
         if "GAN" in name and ckpts:
             hist = json.loads(ckpts[-1].read_text())["history"]
             gan_history[name] = [h for h in hist if "gan_d_real_acc" in h]
-    write_results(args, rows, times, commands, names, order, t0, gan_history)
+    write_results(args, rows, times, commands, names, order, t0, gan_history, time_notes)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "times_s": times, "curves": curves}, indent=2))
 
 
-def write_results(args, rows, times, commands, names, order, t0, gan_history=None):
-    gan_history = gan_history or {}
+def write_results(args, rows, times, commands, names, order, t0, gan_history=None, time_notes=None):
+    gan_history, time_notes = gan_history or {}, time_notes or {}
     teacher, one = rows[TEACHER_50], rows[TEACHER_1]
     full = args.out / "full_run_minutes.json"
     if not args.reuse:
@@ -393,12 +396,13 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
         "at the real score's own guidance (CFG 1.75, the one distillation targets), the ratios above." if
         TEACHER_50_CFG3 in rows and SHIPPED in rows else "- (no CFG-3 reference row)",
         "- How the recipe was found, the diagnostics and the sweep: [QUALITY_SWEEP.md](QUALITY_SWEEP.md).",
+        *[f"- Training time of '{n}': {note}" for n, note in time_notes.items()],
         "- DMD2 rows: the GAN trains against the same 1,797 real digits the FID compares with, so a student below the "
         "teacher here would say it learnt the data, not only the teacher (DMD2's claim). The discriminator accuracies "
         "above show whether it over-fits those few real images (both near 1.0) or hardly separates them (near 0.5). "
         "The 'x64' row scales DMD2's SD1.5 GAN weights by the ratio of latent sizes (4x64x64 / 4x8x8): the GAN "
         "losses are per sample while the DM and fake losses are means over latent elements."
-        " The 1200-step rows other than x256 were resumed from their 400-step runs (a resume continues bit-exactly); their training time is the sum of both parts, and the x64 run's first 400 steps shared the 2 cores with another job (26 min, for about 9 min of work alone: the x256 row, trained alone, took 26.7 min for 1200 steps)." if gan_rows else "",
+        if gan_rows else "",
         "",
         "![samples](digits_variants.png)",
         "",
