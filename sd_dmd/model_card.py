@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .export import KOHYA_FILE
+from .sample import lcm_original_steps
 from .train_config import Config
 
 
@@ -25,6 +26,8 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     g = cfg.lora.generator
     ts = list(cfg.dmd.generator_timesteps)
     steps = len(ts)
+    grid = lcm_original_steps(ts)  # silences LCMScheduler's "not on the original schedule" warning for several steps
+    lcm_kw = f", original_inference_steps={grid}" if steps > 1 and grid is not None else ""
     how = "one step from pure noise" if steps == 1 else f"{steps} steps, LCM re-noising between them"
     gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
            f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
@@ -68,7 +71,7 @@ from diffusers import StableDiffusionPipeline, LCMScheduler
 
 pipe = StableDiffusionPipeline.from_pretrained("{model}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("path/to/this/folder")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{lcm_kw})
 image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]
 ```
 

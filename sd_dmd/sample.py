@@ -125,6 +125,14 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     return pipe
 
 
+def lcm_original_steps(timesteps, num_train_timesteps: int = 1000) -> Optional[int]:
+    """``LCMScheduler``'s ``original_inference_steps`` whose grid (t = j * num_train_timesteps // n - 1) holds every
+    one of ``timesteps``, or None when no grid does. With its default (50: 19, 39, ..., 999) the scheduler warns
+    that [999, 749, 499, 249] leaves its grid; the timesteps it runs are the same either way."""
+    step = math.gcd(*(int(t) + 1 for t in timesteps))
+    return num_train_timesteps // step if num_train_timesteps % step == 0 else None
+
+
 def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
     """Pipeline kwargs that run the generator at ``timesteps`` (LCMScheduler: x0 at each, re-noised to the next
     with fresh noise) with no CFG. DDIM with trailing spacing reaches t = 999 for one step only."""
@@ -132,6 +140,9 @@ def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
 
     timesteps = [int(t) for t in timesteps]
     if isinstance(pipe.scheduler, LCMScheduler):
+        n = lcm_original_steps(timesteps, pipe.scheduler.config.num_train_timesteps)
+        if n is not None and n != pipe.scheduler.config.original_inference_steps:
+            pipe.scheduler.register_to_config(original_inference_steps=n)  # only its off-grid warning depends on it
         return dict(num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0.0)
     if len(timesteps) > 1:
         raise ValueError(f"a {len(timesteps)}-step generator samples with LCMScheduler (timesteps={timesteps}); "

@@ -157,11 +157,13 @@ def test_four_step_run_records_and_samples_its_timesteps(setup, tmp_path):
         999, 749, 499, 249]
     card = (run / "final" / "README.md").read_text()
     assert "num_inference_steps=4, timesteps=[999, 749, 499, 249]" in card and "**4 steps**" in card
+    assert "LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=4)" in card
     res = subprocess.run([sys.executable, "-m", "sd_dmd.sample", "--model", setup["pipe"], "--lora", str(run),
                           "--prompt", "a red cube", "--out", str(tmp_path / "s.png")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "sampling 4 step(s) at timesteps [999, 749, 499, 249]" in res.stdout
+    assert "not on the original" not in res.stderr, res.stderr[-2000:]  # LCMScheduler's off-grid warning
     assert (tmp_path / "s.png").is_file()
     # --resume may not change what the generator is
     with pytest.raises(SystemExit):

@@ -72,3 +72,24 @@ def test_import_prints_nothing():
     out = subprocess.run([sys.executable, "-c", "import sd_dmd, peft, bitsandbytes, diffusers"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stderr.strip() == "" and out.stdout == "", out.stderr
+
+
+def test_four_step_lcm_timesteps_sample_without_the_off_grid_warning():
+    """call_kwargs sets LCMScheduler's original_inference_steps so that DMD2's [999, 749, 499, 249] lie on its grid:
+    the default grid (50 steps) warns that 749 and 249 leave it; the timesteps run are the same either way."""
+    from types import SimpleNamespace
+
+    from diffusers import LCMScheduler
+
+    from sd_dmd.sample import call_kwargs, lcm_original_steps
+
+    ts = [999, 749, 499, 249]
+    assert lcm_original_steps(ts) == 4 and lcm_original_steps([999]) == 1 and lcm_original_steps([800]) is None
+    plain = LCMScheduler()
+    _, logged = _quiet(lambda: plain.set_timesteps(timesteps=ts))
+    assert any("749" in m for m in logged), logged  # the warning this test guards against exists
+    pipe = SimpleNamespace(scheduler=LCMScheduler())
+    kw = call_kwargs(pipe, ts)
+    _, logged = _quiet(lambda: pipe.scheduler.set_timesteps(timesteps=kw["timesteps"]))
+    assert logged == []
+    assert pipe.scheduler.timesteps.tolist() == plain.timesteps.tolist() == ts
