@@ -305,7 +305,10 @@ def main():
                              f"{SECOND_STAGE[name][1]}" if parent is not None else ""))
         ts = lora_timesteps(run / "final")
         measure(name, one_step(str(TEACHER_DIR), str(run / "final")), steps=len(ts), guidance=0.0, timesteps=ts)
-        curves[name] = [{"step": 0, **start}] + checkpoint_curve(run, measure_one)
+        first = [{"step": 0, **start}]
+        if parent is not None and SECOND_STAGE[name][0] in curves:  # the second stage continues its first's curve
+            first = [c for c in curves[SECOND_STAGE[name][0]] if c["step"] <= SECOND_STAGE[name][1]]
+        curves[name] = first + checkpoint_curve(run, measure_one)
         print(name, "curve", curves[name], flush=True)
 
     docs = args.results.parent
@@ -449,7 +452,10 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
         "teacher here would say it learnt the data, not only the teacher (DMD2's claim). The discriminator accuracies "
         "above show whether it over-fits those few real images (both near 1.0) or hardly separates them (near 0.5). "
         "The 'x64' row scales DMD2's SD1.5 GAN weights by the ratio of latent sizes (4x64x64 / 4x8x8): the GAN "
-        "losses are per sample while the DM and fake losses are means over latent elements."
+        "losses are per sample while the DM and fake losses are means over latent elements. The 'second stage' rows "
+        "are DMD2's recipe of resuming a finished run at a lower learning rate (theirs: ~20x lower; here 3x, generator "
+        "and fake score/discriminator alike), from the row named before 'then'; their curves continue that row's, "
+        "and their training time is both stages'."
         if gan_rows else "",
         "",
         "![samples](digits_variants.png)",

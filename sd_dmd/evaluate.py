@@ -161,6 +161,10 @@ def generate(cfg: EvalConfig, captions: list[str], image_dir: Path) -> None:
               width=cfg.resolution)
     if cfg.scheduler == "lcm":
         kw["timesteps"] = cfg.timesteps or ([cfg.conditioning_timestep] if cfg.steps == 1 else None)
+        if kw["timesteps"]:
+            from .sample import fit_lcm_grid
+
+            fit_lcm_grid(pipe.scheduler, kw["timesteps"])
     for b in tqdm(range(0, len(todo), cfg.batch_size), disable=not state.is_main_process, desc="images"):
         idx = todo[b:b + cfg.batch_size]
         gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i) for i in idx]

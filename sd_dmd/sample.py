@@ -133,6 +133,17 @@ def lcm_original_steps(timesteps, num_train_timesteps: int = 1000) -> Optional[i
     return num_train_timesteps // step if num_train_timesteps % step == 0 else None
 
 
+def fit_lcm_grid(scheduler, timesteps) -> None:
+    """Set an ``LCMScheduler``'s ``original_inference_steps`` to :func:`lcm_original_steps` of ``timesteps``: only
+    its off-grid warning depends on it. Other schedulers are left as they are."""
+    from diffusers import LCMScheduler
+
+    if isinstance(scheduler, LCMScheduler):
+        n = lcm_original_steps(timesteps, scheduler.config.num_train_timesteps)
+        if n is not None and n != scheduler.config.original_inference_steps:
+            scheduler.register_to_config(original_inference_steps=n)
+
+
 def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
     """Pipeline kwargs that run the generator at ``timesteps`` (LCMScheduler: x0 at each, re-noised to the next
     with fresh noise) with no CFG. DDIM with trailing spacing reaches t = 999 for one step only."""
@@ -140,9 +151,7 @@ def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
 
     timesteps = [int(t) for t in timesteps]
     if isinstance(pipe.scheduler, LCMScheduler):
-        n = lcm_original_steps(timesteps, pipe.scheduler.config.num_train_timesteps)
-        if n is not None and n != pipe.scheduler.config.original_inference_steps:
-            pipe.scheduler.register_to_config(original_inference_steps=n)  # only its off-grid warning depends on it
+        fit_lcm_grid(pipe.scheduler, timesteps)
         return dict(num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0.0)
     if len(timesteps) > 1:
         raise ValueError(f"a {len(timesteps)}-step generator samples with LCMScheduler (timesteps={timesteps}); "

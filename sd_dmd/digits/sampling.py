@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..sample import fit_lcm_grid
 from .data import RESOLUTION, prompt_for
 
 
@@ -27,6 +28,7 @@ def sample_digits(pipe, n_per_class: int, seed: int, steps: int, guidance: float
         kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION,
                   output_type="pt", generator=gens[i:i + batch])
         if timesteps is not None:
+            fit_lcm_grid(pipe.scheduler, timesteps)
             kw["timesteps"] = timesteps
         out.append(pipe(prompts[i:i + batch], **kw).images * 2 - 1)
     return torch.cat(out).float().cpu(), labels
