@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .config import field
-from .pairs import ROW_GROUP_ROWS, PairsError, _atomic_write_bytes, pair_seed, shard_path
+from .pairs import ROW_GROUP_ROWS, PairsError, ShardedStore, _atomic_write_bytes, pair_seed, shard_path
 
 FORMAT = "sd_dmd.latents/1"
 MANIFEST = "manifest.json"
@@ -436,58 +436,27 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
 
 
 # ----- reading, for training -------------------------------------------------------------------------------------
-class LatentStore:
-    """Reader for training: verifies the manifest and reads each batch's rows from disk.
-
-    As ``pairs.PairsStore``: only a row -> (shard, row group, offset) map is held in memory (16 bytes a row); a batch
-    reads the parquet row groups that hold its rows (``ParquetFile.read_row_group``), so resident memory stays flat
-    as the store grows. Row ``r`` (0 <= r < len) is the r-th latent in item order; ``indices[r]`` is its item.
+class LatentStore(ShardedStore):
+    """Reader for training: verifies the manifest and reads each batch's rows from disk, as ``pairs.PairsStore``
+    (:class:`pairs.ShardedStore`). Row ``r`` (0 <= r < len) is the r-th latent in item order; ``indices[r]`` is its
+    item.
     """
 
     _COLUMNS = ["caption", "source", "latent"]
+    _error = LatentsError
+    _rows_name, _row_name = "latents", "item"
 
     def __init__(self, path: str | Path, require_complete: bool = True):
-        import pyarrow.parquet as pq
-
         self.path = Path(path)
         self.manifest = m = read_manifest(self.path)
-        self.latent_shape = tuple(m["latent_shape"])
-        self._latent_bytes = int(np.prod(self.latent_shape)) * np.dtype(np.float16).itemsize
-        self._shards: list[Path] = []
-        self._group_starts: list[np.ndarray] = []  # first row of each row group, per shard
-        indices, shard_of, row_of = [], [], []
-        for k in range(math.ceil(m["num_items"] / m["shard_size"])):
-            p = shard_path(self.path, k)
-            if not shard_is_complete(p, shard_items(k, m["shard_size"], m["num_items"])):
-                if require_complete:
-                    raise LatentsError(f"{self.path}: incomplete store, {p.name} is missing or partial; re-run "
-                                       "python -m sd_dmd.encode_images with the same arguments to finish it")
-                continue
-            try:
-                pf = pq.ParquetFile(p)
-                missing = {"index", *self._COLUMNS} - set(pf.schema_arrow.names)
-                if missing:
-                    raise LatentsError(f"{p}: shard lacks column(s) {sorted(missing)}")
-                idx = pf.read(columns=["index"]).column("index").to_numpy()
-                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            except LatentsError:
-                raise
-            except Exception as e:
-                raise LatentsError(f"{p}: unreadable shard ({type(e).__name__}: {e})") from None
-            indices.append(idx)
-            shard_of.append(np.full(len(idx), len(self._shards), np.int32))
-            row_of.append(np.arange(len(idx), dtype=np.int32))
-            self._shards.append(p)
-            self._group_starts.append(np.cumsum([0] + sizes[:-1]))
+        n, size = m["num_items"], m["shard_size"]
+        indices, shard_of, row_of = self._index_shards(
+            math.ceil(n / size), lambda k, p: shard_is_complete(p, shard_items(k, size, n)),
+            "is missing or partial; re-run python -m sd_dmd.encode_images with the same arguments to finish it",
+            require_complete)
         if not sum(len(i) for i in indices):
             raise LatentsError(f"{self.path}: store holds no latents")
-        order = np.argsort(np.concatenate(indices), kind="stable")
-        self.indices = np.concatenate(indices)[order]
-        self._shard_of = np.concatenate(shard_of)[order]
-        self._row_of = np.concatenate(row_of)[order]
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        self._set_index(indices, shard_of, row_of)
 
     def check_compatible(self, vae_identity: dict, resolution: int) -> None:
         """Training refuses latents from another VAE (another latent space) or at another resolution."""
@@ -501,35 +470,8 @@ class LatentStore:
     def rows(self, rows: Sequence[int]) -> dict:
         """Columns ``index``, ``caption``, ``source`` (lists) and ``latent`` (fp16 array, N x C x H x W) of the given
         row positions, read from the row groups that hold them."""
-        import pyarrow.parquet as pq
-
-        rows = [int(r) for r in rows]
-        for r in rows:
-            if not 0 <= r < len(self):
-                raise IndexError(f"{self.path}: row {r} out of range (store holds {len(self)} latents)")
-        by_group: dict[tuple[int, int], list[int]] = {}
-        for j, r in enumerate(rows):
-            s = int(self._shard_of[r])
-            g = int(np.searchsorted(self._group_starts[s], self._row_of[r], side="right") - 1)
-            by_group.setdefault((s, g), []).append(j)
-        out = {"index": [int(self.indices[r]) for r in rows], "caption": [None] * len(rows),
-               "source": [None] * len(rows), "latent": np.empty((len(rows), *self.latent_shape), np.float16)}
-        for (s, g), js in sorted(by_group.items()):
-            path = self._shards[s]
-            try:
-                table = pq.ParquetFile(path).read_row_group(g, columns=self._COLUMNS)
-            except Exception as e:
-                raise LatentsError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
-            for j in js:
-                at = int(self._row_of[rows[j]] - self._group_starts[s][g])
-                out["caption"][j] = table.column("caption")[at].as_py()
-                out["source"][j] = table.column("source")[at].as_py()
-                buf = table.column("latent")[at].as_buffer()
-                if buf.size != self._latent_bytes:
-                    raise LatentsError(f"{path}: item {out['index'][j]} holds {buf.size} latent bytes, the "
-                                       f"manifest's shape {list(self.latent_shape)} needs {self._latent_bytes}")
-                out["latent"][j] = np.frombuffer(buf, np.float16).reshape(self.latent_shape)
-        return out
+        out = super().rows(rows)
+        return {"index": [int(self.indices[int(r)]) for r in rows], **out}
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
         """(latents, fp32 N x C x H x W, SD-scaled; captions) of ``rows``: one read of the row groups holding them."""

@@ -249,55 +249,57 @@ class PairsStats:
     over_77_tokens: int = 0
 
 
-class PairsStore:
-    """Reader for training: verifies the manifest, reads each batch's rows from disk, regenerates (and can verify)
-    each pair's noise.
+class ShardedStore:
+    """The row map and row reads that ``PairsStore`` and ``latents.LatentStore`` share.
 
-    Nothing but a row -> (shard, row group, offset) map is held in memory (16 bytes a pair): a batch reads only the
+    Nothing but a row -> (shard, row group, offset) map is held in memory (16 bytes a row): a batch reads only the
     parquet row groups that hold its rows (``pyarrow.parquet.ParquetFile.read_row_group``; shards are written in
-    groups of :data:`ROW_GROUP_ROWS` pairs), so resident memory stays flat as the store grows. Stores written before
-    row groups were small (one group a shard) read the same, a whole shard per touched row.
+    groups of :data:`ROW_GROUP_ROWS` rows), so resident memory stays flat as the store grows. Row ``r``
+    (0 <= r < len) is the r-th row in index order; ``indices[r]`` is its index. A subclass names its columns besides
+    ``index`` (``latent`` last), its error, and the words its messages use.
     """
 
-    _COLUMNS = ["prompt", "seed", "noise_sha1", "latent"]
+    _COLUMNS: list[str] = []
+    _error: type = PairsError
+    _rows_name = "rows"  # "store holds N <rows_name>"
+    _row_name = "row"  # "<row_name> N holds B latent bytes"
 
-    def __init__(self, path: str | Path, require_complete: bool = True):
+    def _index_shards(self, num_shards: int, complete, incomplete: str, require_complete: bool) -> tuple:
+        """Read every shard's ``index`` column and row-group sizes; ``complete(k, path)`` says whether shard k is
+        there (else it is skipped, or with ``require_complete`` an error ending in ``incomplete``). Returns per-shard
+        (indices, shard numbers, rows) arrays: the subclass checks them for emptiness, then :meth:`_set_index`."""
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        m = self.manifest
-        self.latent_shape = tuple(m["latent_shape"])
+        self.latent_shape = tuple(self.manifest["latent_shape"])
         self._latent_bytes = int(np.prod(self.latent_shape)) * np.dtype(np.float16).itemsize
-        n_shards = math.ceil(m["num_pairs"] / m["shard_size"])
         self._shards: list[Path] = []
         self._group_starts: list[np.ndarray] = []  # first row of each row group, per shard
         indices, shard_of, row_of = [], [], []
-        for k in range(n_shards):
+        for k in range(num_shards):
             p = shard_path(self.path, k)
-            if not p.exists():
+            if not complete(k, p):
                 if require_complete:
-                    raise PairsError(f"{self.path}: incomplete store, {p.name} is missing; re-run generate_pairs.py "
-                                     "with the same arguments to finish it")
+                    raise self._error(f"{self.path}: incomplete store, {p.name} {incomplete}")
                 continue
             try:
                 pf = pq.ParquetFile(p)
                 missing = {"index", *self._COLUMNS} - set(pf.schema_arrow.names)
                 if missing:
-                    raise PairsError(f"{p}: shard lacks column(s) {sorted(missing)}")
+                    raise self._error(f"{p}: shard lacks column(s) {sorted(missing)}")
                 idx = pf.read(columns=["index"]).column("index").to_numpy()
                 sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            except PairsError:
+            except self._error:
                 raise
             except Exception as e:
-                raise PairsError(f"{p}: unreadable shard ({type(e).__name__}: {e})") from None
+                raise self._error(f"{p}: unreadable shard ({type(e).__name__}: {e})") from None
             indices.append(idx)
             shard_of.append(np.full(len(idx), len(self._shards), np.int32))
             row_of.append(np.arange(len(idx), dtype=np.int32))
             self._shards.append(p)
             self._group_starts.append(np.cumsum([0] + sizes[:-1]))
-        if not self._shards:
-            raise PairsError(f"{self.path}: store has no shards")
+        return indices, shard_of, row_of
+
+    def _set_index(self, indices: list, shard_of: list, row_of: list) -> None:
         order = np.argsort(np.concatenate(indices), kind="stable")
         self.indices = np.concatenate(indices)[order]
         self._shard_of = np.concatenate(shard_of)[order]
@@ -306,30 +308,22 @@ class PairsStore:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def check_compatible(self, identity: dict, resolution: int) -> None:
-        """Training refuses a store whose teacher or resolution differ from the model it trains."""
-        if not same_teacher(self.manifest, identity):
-            raise PairsError(f"{self.path}: pairs were made by another teacher ({self.manifest.get('teacher')}) "
-                             "than the model being trained")
-        if self.manifest["resolution"] != resolution:
-            raise PairsError(f"{self.path}: pairs are at resolution {self.manifest['resolution']}, "
-                             f"training runs at {resolution}")
-
     def rows(self, rows: Sequence[int]) -> dict:
-        """Columns ``prompt``, ``seed``, ``noise_sha1`` (lists) and ``latent`` (fp16 array, N x C x H x W) of the
-        given row positions (0 <= row < len(self), in index order), read from the row groups that hold them."""
+        """The columns (lists; ``latent`` an fp16 array, N x C x H x W) of the given row positions (0 <= row <
+        len(self), in index order), read from the row groups that hold them."""
         import pyarrow.parquet as pq
 
         rows = [int(r) for r in rows]
         for r in rows:
             if not 0 <= r < len(self):
-                raise IndexError(f"{self.path}: row {r} out of range (store holds {len(self)} pairs)")
+                raise IndexError(f"{self.path}: row {r} out of range (store holds {len(self)} {self._rows_name})")
         by_group: dict[tuple[int, int], list[int]] = {}
         for j, r in enumerate(rows):
             s, row = int(self._shard_of[r]), int(self._row_of[r])
             g = int(np.searchsorted(self._group_starts[s], row, side="right") - 1)
             by_group.setdefault((s, g), []).append(j)
-        out = {"prompt": [None] * len(rows), "seed": [0] * len(rows), "noise_sha1": [None] * len(rows)}
+        lists = [c for c in self._COLUMNS if c != "latent"]
+        out = {c: [None] * len(rows) for c in lists}
         latent = np.empty((len(rows), *self.latent_shape), np.float16)
         for s in sorted({s for s, _ in by_group}):
             path = self._shards[s]
@@ -339,21 +333,49 @@ class PairsStore:
                     table = pf.read_row_group(g, columns=self._COLUMNS)
                     for j in by_group[(s, g)]:
                         at = int(self._row_of[rows[j]] - self._group_starts[s][g])
-                        out["prompt"][j] = table.column("prompt")[at].as_py()
-                        out["seed"][j] = table.column("seed")[at].as_py()
-                        out["noise_sha1"][j] = table.column("noise_sha1")[at].as_py()
+                        for c in lists:
+                            out[c][j] = table.column(c)[at].as_py()
                         buf = table.column("latent")[at].as_buffer()
                         if buf.size != self._latent_bytes:
-                            raise PairsError(f"{path}: pair {int(self.indices[rows[j]])} holds {buf.size} latent "
-                                             f"bytes, the manifest's shape {list(self.latent_shape)} needs "
-                                             f"{self._latent_bytes}")
+                            raise self._error(f"{path}: {self._row_name} {int(self.indices[rows[j]])} holds "
+                                              f"{buf.size} latent bytes, the manifest's shape "
+                                              f"{list(self.latent_shape)} needs {self._latent_bytes}")
                         latent[j] = np.frombuffer(buf, np.float16).reshape(self.latent_shape)
-            except PairsError:
+            except self._error:
                 raise
             except Exception as e:
-                raise PairsError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+                raise self._error(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
         out["latent"] = latent
         return out
+
+
+class PairsStore(ShardedStore):
+    """Reader for training: verifies the manifest, reads each batch's rows from disk (:class:`ShardedStore`),
+    regenerates (and can verify) each pair's noise. Stores written before row groups were small (one group a
+    shard) read the same, a whole shard per touched row.
+    """
+
+    _COLUMNS = ["prompt", "seed", "noise_sha1", "latent"]
+    _rows_name, _row_name = "pairs", "pair"
+
+    def __init__(self, path: str | Path, require_complete: bool = True):
+        self.path = Path(path)
+        self.manifest = m = read_manifest(self.path)
+        indices, shard_of, row_of = self._index_shards(
+            math.ceil(m["num_pairs"] / m["shard_size"]), lambda k, p: p.exists(),
+            "is missing; re-run generate_pairs.py with the same arguments to finish it", require_complete)
+        if not self._shards:
+            raise PairsError(f"{self.path}: store has no shards")
+        self._set_index(indices, shard_of, row_of)
+
+    def check_compatible(self, identity: dict, resolution: int) -> None:
+        """Training refuses a store whose teacher or resolution differ from the model it trains."""
+        if not same_teacher(self.manifest, identity):
+            raise PairsError(f"{self.path}: pairs were made by another teacher ({self.manifest.get('teacher')}) "
+                             "than the model being trained")
+        if self.manifest["resolution"] != resolution:
+            raise PairsError(f"{self.path}: pairs are at resolution {self.manifest['resolution']}, "
+                             f"training runs at {resolution}")
 
     def latents(self, rows: Sequence[int]) -> torch.Tensor:
         """Teacher latents (fp32) of the given row positions."""
