@@ -5,14 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install toy clean
+.PHONY: demo test install toy clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+# constraints.txt pins every package to the versions the suite last passed on: a release tomorrow cannot break CI.
+$(STAMP): requirements.txt constraints.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip -c constraints.txt
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -26,6 +27,14 @@ toy: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
+
+# Refresh the lock deliberately: newest versions the ranges allow, in a throw-away env; then run `make test`.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q -r requirements.txt
+	{ sed -n '1,2p' constraints.txt; echo "# Locked $$(date +%F) with $$(.venv-lock/bin/python --version)."; \
+	  .venv-lock/bin/pip freeze --all | grep -v -i '^sd[-_]dmd'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

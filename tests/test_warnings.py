@@ -66,12 +66,61 @@ def test_diffusers_empty_fp32_list_filtered_but_other_messages_kept(tiny_pipe_di
     assert drop.filter(record("There are modules in X that should be kept in float32: ['norm']. Casting..."))
 
 
-def test_import_prints_nothing():
-    # bitsandbytes (imported by peft) logs a `kernels` fallback at import on AVX512-bf16 CPUs
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", "import sd_dmd, peft, bitsandbytes, diffusers"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stderr.strip() == "" and out.stdout == "", out.stderr
+# Run in a child process: a socket guard records every connection and name lookup and refuses it; then the imports
+# and each command's --help run in-process, each command's stdout captured. HF_HUB_OFFLINE is *not* set, so a
+# dependency that would reach the Hub (bitsandbytes >= 0.50 fetching `kernels` at import, issue 25) is caught here.
+_GUARDED = r"""
+import contextlib, io, json, runpy, socket, sys
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args)[:120])
+    raise OSError("network blocked by the test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.getaddrinfo = socket.create_connection = refuse
+import sd_dmd, peft, bitsandbytes, diffusers, transformers
+import bitsandbytes.optim  # what adamw8bit uses
+helps = {}
+for kind, target in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    sys.argv = [target, "--help"]
+    with contextlib.redirect_stdout(out):
+        try:
+            if kind == "path":
+                runpy.run_path(target, run_name="__main__")
+            else:  # alter_sys: the module is sys.modules["__main__"] while it runs, as with python -m
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+    helps[target] = [code, out.getvalue()[:40]]
+print(json.dumps({"tried": tried, "helps": helps}))
+"""
+
+COMMANDS = [("path", "generate_pairs.py"), ("path", "train_text2image.py")] + [
+    ("module", f"sd_dmd.{m}") for m in ("encode_images", "sample", "evaluate", "export", "demo", "toy", "tiny",
+                                        "verify_store")]
+
+
+def test_import_and_every_help_print_nothing_and_open_no_connection():
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", _GUARDED, json.dumps(COMMANDS)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["tried"] == [], result["tried"]  # no connection, no name lookup
+    for _, target in COMMANDS:
+        code, text = result["helps"][target]
+        assert code in (0, None) and text.startswith("usage:"), (target, code, text)
+
+
+def test_the_guard_sees_a_connection():
+    """The guard above is not blind: a plain connection attempt is recorded and refused."""
+    code = _GUARDED.split("import sd_dmd")[0] + (
+        "try:\n    socket.create_connection(('huggingface.co', 443))\nexcept OSError:\n    pass\nprint(tried)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "huggingface.co" in out.stdout, out
 
 
 def test_four_step_lcm_timesteps_sample_without_the_off_grid_warning():
