@@ -99,6 +99,51 @@ def check_pairs_guidance(cfg: Config, store: PairsStore) -> None:
                           "regression.allow_guidance_mismatch: true")
 
 
+def apply_gradients(acc, groups, stats: dict, max_norm: float) -> tuple[float, bool]:
+    """One update decision over ``groups``, a list of (params, prepared optimizer, scheduler).
+
+    Average the gradients over processes, unscale, clip, and step only when every process's losses and the
+    averaged gradient are finite: one collective decision, taken before any optimiser, LR or EMA update.
+    Under fp16 each group's optimiser is stepped by ``scaler.step`` and the scale is updated **once**, after all of
+    them: ``AcceleratedOptimizer.step`` updates the scale after each optimiser, which clears the scaler's record
+    that the next optimiser's gradients were already unscaled, so they were unscaled twice (issue 25, item 1).
+    Returns (unscaled gradient norm over all groups, applied)."""
+    params = [p for ps, _, _ in groups for p in ps]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bad = torch.tensor([0.0 if all(math.isfinite(v) for v in stats.values()) else 1.0], device=acc.device)
+    if acc.num_processes > 1:  # one flat all-reduce: gradients and the non-finite flag together
+        flat = acc.reduce(torch.cat([p.grad.flatten() for p in params] + [bad]), reduction="mean")
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        bad = flat[-1:]
+    scaler = acc.scaler
+    if scaler is not None:  # fp16: unscale this decision's gradients before measuring or clipping them
+        for _, opt, _ in groups:
+            scaler.unscale_(opt.optimizer)
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = float(norm)
+    applied = bad.item() == 0 and math.isfinite(norm)
+    if applied:
+        for _, opt, sched in groups:
+            if scaler is not None:
+                scaler.step(opt.optimizer)  # steps the already-unscaled gradients (the record holds until update)
+            else:
+                opt.step()
+            sched.step()
+    if scaler is not None:
+        scaler.update()  # once per decision; after an overflow it lowers the scale and nothing else moves
+    for _, opt, _ in groups:
+        opt.zero_grad(set_to_none=True)
+    return norm, applied
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator, log=print):
         self.cfg, self.acc, self.log = cfg, accelerator, log
@@ -193,46 +238,6 @@ class Trainer:
             t = self.acc.reduce(t, reduction="sum")
         return t.item() > 0
 
-    def _apply(self, params, optimizer, scheduler, stats: dict, also=()) -> tuple[float, bool]:
-        """Average the gradients over processes, unscale, clip, and step only when every process's losses
-        and the averaged gradient are finite: one collective decision, taken before any optimiser, LR or
-        EMA update. ``also``: more (params, optimizer, scheduler) stepped in the same decision (the GAN head with
-        the fake score). Returns (unscaled gradient norm over all of them, applied)."""
-        groups = [(params, optimizer, scheduler), *also]
-        params = [p for ps, _, _ in groups for p in ps]
-        acc = self.acc
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bad = torch.tensor([0.0 if all(math.isfinite(v) for v in stats.values()) else 1.0], device=acc.device)
-        if acc.num_processes > 1:  # one flat all-reduce: gradients and the non-finite flag together
-            flat = acc.reduce(torch.cat([p.grad.flatten() for p in params] + [bad]), reduction="mean")
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            bad = flat[-1:]
-        scaler = acc.scaler
-        if scaler is not None:  # fp16: unscale this turn's gradients before measuring or clipping them
-            for _, opt, _ in groups:
-                scaler.unscale_(opt.optimizer)
-        max_norm = self.cfg.optim.max_grad_norm
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = float(norm)
-        applied = bad.item() == 0 and math.isfinite(norm)
-        if applied:
-            for _, opt, sched in groups:
-                opt.step()  # under fp16 the GradScaler steps the already-unscaled gradients and updates
-                sched.step()
-        elif scaler is not None:
-            scaler.update()  # lowers the scale after an overflow; the optimiser, LR and EMA do not move
-        for _, opt, _ in groups:
-            opt.zero_grad(set_to_none=True)
-        return norm, applied
-
     # ----- the two turns ----------------------------------------------------------------------------
     def generator_turn(self) -> tuple[dict, bool, list]:
         """Returns (stats, applied, [(x, cond) per micro-batch]) for the fake turn to train on."""
@@ -251,7 +256,8 @@ class Trainer:
             samples.append((x, cond))
         for p in self.fake_params + self.head_params:  # the GAN term's backward passed through them: not theirs
             p.grad = None
-        norm, applied = self._apply(self.gen_params, self.opt_g, self.sched_g, stats)
+        norm, applied = apply_gradients(self.acc, [(self.gen_params, self.opt_g, self.sched_g)], stats,
+                                        self.cfg.optim.max_grad_norm)
         if applied and self.ema is not None:
             self.ema.step(self.gen_params)
         stats["grad_norm_generator"] = norm
@@ -276,8 +282,10 @@ class Trainer:
                                       gan_weight=cfg.gan.discriminator_weight if gan else 0.0)
             acc.backward(loss / n_acc)
             _add_mean(stats, s, n_acc)
-        norm, applied = self._apply(self.fake_params, self.opt_f, self.sched_f, stats,
-                                    also=[(self.head_params, self.opt_d, self.sched_d)] if gan else ())
+        groups = [(self.fake_params, self.opt_f, self.sched_f)]
+        if gan:  # the GAN head steps in the same decision as the fake score
+            groups.append((self.head_params, self.opt_d, self.sched_d))
+        norm, applied = apply_gradients(self.acc, groups, stats, self.cfg.optim.max_grad_norm)
         stats["grad_norm_fake"] = norm
         return stats, applied
 

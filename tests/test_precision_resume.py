@@ -247,3 +247,45 @@ def test_missing_tracker_is_an_error_at_start(setup, tmp_path, monkeypatch, caps
     assert_one_line_error(train_text2image.main, argv(setup, tmp_path / "w", "--logging.tracker", "wandb"), capsys,
                           "pip install wandb")
     assert not (tmp_path / "w").exists()
+
+
+# ----- issue 25, item 1: several optimisers stepped in one fp16 decision ---------------------------------------
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_every_optimiser_in_one_fp16_decision_gets_its_true_gradient(n_groups):
+    """The fake LoRA and the GAN head (and any further group) step in one decision: under a GradScaler each
+    parameter's applied gradient equals the fp32 run's, and the scale is updated once per decision. SGD at lr 1
+    makes the applied gradient readable: the update is -grad."""
+    from types import SimpleNamespace
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from sd_dmd.train import apply_gradients
+
+    Accelerator(mixed_precision="no")  # AcceleratedOptimizer reads accelerate's process state
+    true_grads = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(n_groups)]
+
+    def run(scale):
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        updates = []
+        if scaler is not None:
+            real_update = scaler.update
+            scaler.update = lambda *a: (updates.append(1), real_update(*a))[1]
+        params = [torch.nn.Parameter(torch.zeros(5)) for _ in range(n_groups)]
+        groups = []
+        for p in params:
+            opt = AcceleratedOptimizer(torch.optim.SGD([p], lr=1.0), scaler=scaler)
+            groups.append(([p], opt, torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda _: 1.0)))
+        loss = sum((p * g).sum() for p, g in zip(params, true_grads))  # d loss / d p = g
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        acc = SimpleNamespace(scaler=scaler, num_processes=1, device=torch.device("cpu"))
+        norm, applied = apply_gradients(acc, groups, {"loss": 1.0}, max_norm=0)
+        assert applied
+        return [-p.detach().clone() for p in params], norm, len(updates)
+
+    fp32, norm32, _ = run(None)
+    for scale in (2.0 ** 10, 2.0 ** 16):
+        got, norm, n_updates = run(scale)
+        for g, ref in zip(got, fp32):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
+        assert norm == pytest.approx(norm32, rel=1e-5)
+        assert n_updates == 1
