@@ -375,7 +375,10 @@ class Trainer:
             self._set_base_lr(self.opt_d, self.sched_d, self.cfg.optim.lr_fake)
         notes = []
         if self.head_params and not (path / "gan_head.safetensors").exists():
-            # DMD2's second stage: the GAN switched on when resuming a run made without it
+            # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's
+            # schedule (built at step 0) takes the fake score's position, so that their learning rates stay equal
+            self.sched_d.last_epoch = state["sched_fake"]["last_epoch"]
+            self._set_base_lr(self.opt_d, self.sched_d, self.cfg.optim.lr_fake)
             notes.append(f"GAN on from step {max(state['step'], self.cfg.gan.start_step)}: the discriminator head "
                          "starts fresh")
         lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
@@ -390,6 +393,12 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(saved[str(i)])
             self.ema.optimization_step = state["ema_optimization_step"]
+        elif self.ema is not None:  # EMA switched on at resume: it was built from the untrained (B = 0) adapter
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.gen_params, decay=self.cfg.train.ema_decay)
+            notes.append(f"EMA on from step {state['step']}: it starts from the resumed generator (the checkpoint "
+                         "has none)")
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.history = state["history"]

@@ -144,7 +144,33 @@ def test_dmd2_second_stage_resumes_a_finished_run_with_the_gan_on(setup, real_la
     assert any(not torch.equal(head[k], v) for k, v in t2.model.gan_head.state_dict().items())
     assert "GAN (DMD2) | on from step 2" in (run / "final" / "README.md").read_text()
     state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["sched_discriminator"]["last_epoch"] == 4  # stepped at steps 3 to 6 only
+    # the fresh head's schedule took the fake score's position at the resume (issue 25, item 2): equal lrs
+    assert state["sched_discriminator"]["last_epoch"] == state["sched_fake"]["last_epoch"] == 6
+
+
+def test_a_fresh_gan_head_follows_the_fake_scores_decaying_schedule(setup, real_latents, tmp_path):
+    """The head's scheduler is built at step 0, before the checkpoint loads: with a decaying schedule it used to
+    restart at the peak lr while the fake score's had decayed."""
+    run, sched = tmp_path / "r", ("--optim.lr_scheduler", "cosine", "--optim.warmup_steps", "0")
+    train(_cfg(setup, run, "--train.max_steps", "2", *sched))
+    t = train(_cfg(setup, run, "--train.max_steps", "4", *sched, "--gan.real_latents", real_latents,
+                   "--gan.start_step", "2"), resume=True)
+    lr_fake, lr_head = t.opt_f.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"]
+    assert lr_head == pytest.approx(lr_fake) and lr_fake < t.cfg.optim.lr_fake
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_generator(setup, tmp_path):
+    """The EMA is built before the checkpoint loads; a checkpoint without one must not hand final/ the untrained
+    adapter (B = 0). Re-exporting a finished run with the EMA on, no step follows: final/ is the checkpoint's G."""
+    run = tmp_path / "r"
+    train(_cfg(setup, run, "--train.max_steps", "2"))
+    saved = load_file(str(run / "checkpoint-2" / "generator" / "pytorch_lora_weights.safetensors"))
+    assert max(v.abs().max().item() for k, v in saved.items() if "lora_B" in k) > 0
+    t = train(_cfg(setup, run, "--train.max_steps", "2", "--train.ema_decay", "0.9"), resume=True)
+    final = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in saved)
+    assert [h["note"] for h in t.history if "note" in h] == [
+        "EMA on from step 2: it starts from the resumed generator (the checkpoint has none)"]
 
 
 def test_four_step_run_records_and_samples_its_timesteps(setup, tmp_path):
