@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, field
+from .schedule import lcm_timesteps_error
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST = "manifest.json"
@@ -89,6 +90,9 @@ class EvalConfig:
                 raise ConfigError(f"timesteps: need decreasing timesteps in [0, 999], got {ts}")
             if self.scheduler != "lcm":
                 raise ConfigError(f"timesteps: sampling at given timesteps needs --scheduler lcm, not {self.scheduler}")
+            lcm_err = lcm_timesteps_error(ts)
+            if lcm_err:
+                raise ConfigError(f"timesteps: {lcm_err}")
             self.timesteps, self.steps = ts, len(ts)
         for k in ("num_prompts", "batch_size", "steps", "resolution", "eval_resolution"):
             if getattr(self, k) < 1:

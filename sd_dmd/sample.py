@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .schedule import lcm_timesteps_error
+
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as save_lora_weights writes it
 
 
@@ -146,11 +148,19 @@ def fit_lcm_grid(scheduler, timesteps) -> None:
 
 def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
     """Pipeline kwargs that run the generator at ``timesteps`` (LCMScheduler: x0 at each, re-noised to the next
-    with fresh noise) with no CFG. DDIM with trailing spacing reaches t = 999 for one step only."""
+    with fresh noise) with no CFG. DDIM with trailing spacing reaches t = 999 for one step only.
+
+    Raises ConfigError (a ValueError) for LCM timesteps where the scheduler's sample is not the generator's x0
+    (:func:`lcm_timesteps_error`)."""
     from diffusers import LCMScheduler
+
+    from .config import ConfigError
 
     timesteps = [int(t) for t in timesteps]
     if isinstance(pipe.scheduler, LCMScheduler):
+        err = lcm_timesteps_error(timesteps, pipe.scheduler.config.timestep_scaling)
+        if err:
+            raise ConfigError(f"timesteps: {err}")
         fit_lcm_grid(pipe.scheduler, timesteps)
         return dict(num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0.0)
     if len(timesteps) > 1:
@@ -244,6 +254,9 @@ def main(argv=None):
                  or (lora.timesteps if lora is not None else None) or [999])
     if any(not 0 <= t <= 999 for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
         p.error(f"--timesteps: need decreasing timesteps in [0, 999], got {timesteps}")
+    lcm_err = args.scheduler == "lcm" and lcm_timesteps_error(timesteps, pipe.scheduler.config.timestep_scaling)
+    if lcm_err:
+        p.error(f"--timesteps: {lcm_err}")
     print(f"loaded LoRA {lora}" if lora is not None else "no LoRA: sampling the base model")
     print(f"sampling {len(timesteps)} step(s) at timesteps {timesteps}, guidance 0")
     images = []

@@ -5,6 +5,8 @@ x_t = alpha_t x0 + sigma_t eps, x0_hat = (x_t - sigma_t eps_hat) / alpha_t.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -60,3 +62,46 @@ def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Genera
         raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
     t = torch.randint(t_min, t_max + 1, (batch,), generator=generator, device="cpu")
     return t.to(device)
+
+
+# ----- where diffusers' LCMScheduler samples a few-step generator as the trainer does -------------------------------
+LCM_SIGMA_DATA = 0.5  # LCMScheduler.get_scalings_for_boundary_condition_discrete's sigma_data (fixed in diffusers)
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's default timestep_scaling
+LCM_X0_TOLERANCE = 1e-4  # the most LCMScheduler's sample may leave the trainer's x0, per unit of latent
+
+
+def lcm_x0_deviation(t: int, timestep_scaling: float = LCM_TIMESTEP_SCALING) -> float:
+    """The most ``LCMScheduler``'s ``denoised`` at timestep ``t`` can differ from the x0 the UNet predicts (the
+    trainer's G(x_t, t)), per unit of latent magnitude.
+
+    LCM's boundary condition returns c_skip * x_t + c_out * x0, with c_skip = s^2 / ((k t)^2 + s^2) and
+    c_out = k t / sqrt((k t)^2 + s^2) (s = sigma_data = 0.5, k = timestep_scaling), so for |x_t|, |x0| <= 1
+    |denoised - x0| <= c_skip * |x_t| + |1 - c_out| * |x0| <= c_skip + |1 - c_out|, reached at x_t = -x0 = +-1.
+    About 3.75e-3 / t^2 at k = 10: 3.8e-9 at t = 999, 6.0e-8 at 249, 9.4e-4 at 2, 2 (x_t, not x0) at 0."""
+    x = float(t) * timestep_scaling
+    c_skip = LCM_SIGMA_DATA ** 2 / (x ** 2 + LCM_SIGMA_DATA ** 2)
+    c_out = x / (x ** 2 + LCM_SIGMA_DATA ** 2) ** 0.5
+    return c_skip + abs(1.0 - c_out)
+
+
+def smallest_lcm_timestep(timestep_scaling: float = LCM_TIMESTEP_SCALING, tol: float = LCM_X0_TOLERANCE,
+                          num_train_timesteps: int = 1000) -> Optional[int]:
+    """The smallest timestep at which :func:`lcm_x0_deviation` is within ``tol`` (7 for diffusers' defaults); the
+    deviation falls as t grows, so every larger timestep is within it too. None when no timestep is."""
+    return next((t for t in range(num_train_timesteps) if lcm_x0_deviation(t, timestep_scaling) <= tol), None)
+
+
+def lcm_timesteps_error(timesteps, timestep_scaling: float = LCM_TIMESTEP_SCALING,
+                        tol: float = LCM_X0_TOLERANCE) -> Optional[str]:
+    """Why ``LCMScheduler`` would not sample a few-step generator at ``timesteps`` as the trainer does (its x0 at
+    each), or None. At small t LCM's boundary condition mixes x_t into its sample (:func:`lcm_x0_deviation`); the
+    trainer, the model card and ``sd_dmd_sampling.json`` would promise what diffusers does not give."""
+    bad = [int(t) for t in timesteps if lcm_x0_deviation(int(t), timestep_scaling) > tol]
+    if not bad:
+        return None
+    lo = smallest_lcm_timestep(timestep_scaling, tol)
+    worst = max(lcm_x0_deviation(t, timestep_scaling) for t in bad)
+    allowed = f"the smallest allowed timestep is {lo}" if lo is not None else "no timestep is allowed"
+    return (f"timestep{'s' if len(bad) > 1 else ''} {bad} would sample differently in diffusers: at small t "
+            f"LCMScheduler returns c_skip * x_t + c_out * x0 rather than the generator's x0 (up to {worst:.2e} per "
+            f"unit of latent, over {tol:.0e}); {allowed}")

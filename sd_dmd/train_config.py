@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .config import ConfigError, field
+from .schedule import lcm_timesteps_error
 from .model import DEFAULT_LORA_TARGETS
 
 
@@ -43,7 +44,8 @@ class DMDConfig:
                                             "generator_timesteps when those are given)")
     generator_timesteps: list[int] = field(default_factory=lambda: [999], help=(
         "the generator's sampling timesteps, decreasing: [999] one step; e.g. 999 749 499 249 for DMD2's 4-step "
-        "generator, trained by backward simulation"))
+        "generator, trained by backward simulation; each >= 7, where diffusers' LCMScheduler samples the generator's "
+        "x0 (below, its boundary condition mixes in x_t)"))
     fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
     dm_weight: float = field(1.0, "weight of the distribution-matching loss")
     fake_loss_weighting: Literal["eps", "snr+1"] = field(
@@ -159,6 +161,10 @@ class Config:
         if ts == [999] and d.conditioning_timestep != 999:  # a one-step config that only sets t*
             d.generator_timesteps = [d.conditioning_timestep]
         d.conditioning_timestep = d.generator_timesteps[0]
+        lcm_err = lcm_timesteps_error(d.generator_timesteps)  # diffusers' LCMScheduler samples the LoRA
+        if lcm_err:
+            via = " (from dmd.conditioning_timestep)" if ts == [999] else ""
+            raise ConfigError(f"dmd.generator_timesteps{via}: {lcm_err}")
         g = self.gan
         if g.generator_weight < 0 or g.discriminator_weight < 0 or g.start_step < 0 or g.batch_size < 0:
             raise ConfigError("gan.generator_weight, gan.discriminator_weight, gan.start_step, gan.batch_size: "
