@@ -93,11 +93,16 @@ def main():
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--dir", default="runs/store_read")
     p.add_argument("--verify_noise", action="store_true", help="also re-derive and check each pair's noise digest")
+    p.add_argument("--compare_digests", action="store_true",
+                   help="instead: the read rate with row digests checked over the rate without (batches alternating "
+                        "in one fresh process, cold then warm)")
     p.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_interleave", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     store_dir = Path(args.dir) / f"pairs_{args.num_pairs}"
     if args._measure:
-        print(json.dumps(measure(store_dir, args.batch, args.batches, args.verify_noise)))
+        print(json.dumps(interleaved(store_dir, args.batch, args.batches) if args._interleave
+                         else measure(store_dir, args.batch, args.batches, args.verify_noise)))
         return
     from common import device_line
 
@@ -111,7 +116,11 @@ def main():
     size = sum(f.stat().st_size for f in (store_dir / "shards").glob("*.parquet"))
     cmd = [sys.executable, __file__, "--_measure", "--num_pairs", str(args.num_pairs), "--batch", str(args.batch),
            "--batches", str(args.batches), "--dir", args.dir] + (["--verify_noise"] if args.verify_noise else [])
-    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    run = lambda *extra: json.loads(subprocess.run(cmd + list(extra), check=True, capture_output=True,
+                                                   text=True).stdout.strip().splitlines()[-1])
+    if args.compare_digests:
+        return compare_digests(run, args)
+    r = run()
     need = PAPER_PAIRS_PER_GPU_S * GPUS_PER_NODE
     print(f"command: python benchmarks/store_read.py --num_pairs {args.num_pairs} --batch {args.batch} "
           f"--batches {args.batches}" + (" --verify_noise" if args.verify_noise else ""))
@@ -129,6 +138,45 @@ def main():
     print(f"consumption reference: DMD's SD1.5 run, {PAPER_PAIRS_PER_GPU_S:.2f} pairs/s per GPU "
           f"(1152 pairs / iteration, 72 A100, ~6.5 s / iteration) = {need:.1f} pairs/s for {GPUS_PER_NODE} GPUs "
           "sharing a disk (target >= 10x)")
+
+
+def interleaved(store_dir: Path, batch: int, batches: int) -> dict:
+    """Runs in a fresh process: batches alternately read with and without the row-digest check (as reads of a store
+    written before rows carried digests), cold (page cache dropped first) then warm; the time of each arm."""
+    import numpy as np
+
+    from sd_dmd.pairs import PairsStore
+
+    store = PairsStore(store_dir)
+    on, off = list(store._digested), [False] * len(store._digested)
+    rng = np.random.default_rng(0)
+    store.batch([0, 1])  # imports, pools
+    out = {}
+    for phase in ("cold", "warm"):
+        if phase == "cold":
+            drop_cache(store_dir)
+        t = {True: 0.0, False: 0.0}
+        for i in range(2 * batches):
+            store._digested = on if i % 2 == 0 else off
+            rows = rng.integers(0, len(store), batch).tolist()
+            t0 = time.perf_counter()
+            store.batch(rows)
+            t[i % 2 == 0] += time.perf_counter() - t0
+        out[phase] = {"with": batches * batch / t[True], "without": batches * batch / t[False]}
+    return out
+
+
+def compare_digests(run, args) -> None:
+    """Pairs/s with row digests checked over pairs/s without, batches interleaved in one process, cold and warm."""
+    from common import device_line
+
+    r = run("--_interleave")
+    print(f"command: python benchmarks/store_read.py --num_pairs {args.num_pairs} --batch {args.batch} "
+          f"--batches {args.batches} --compare_digests")
+    print(device_line())
+    for phase, x in r.items():
+        print(f"{phase}: {x['with']:.0f} pairs/s with row digests checked, {x['without']:.0f} without: "
+              f"ratio {x['with'] / x['without']:.3f} ({args.batches} interleaved batches of {args.batch} each)")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
     accelerate launch -m sd_dmd.encode_images ...   # every process takes disjoint shards
 
 Re-running the same command resumes (complete shards are kept); another source, VAE or setting is refused naming
-what differs. Bad images (unreadable, truncated, zero-size) and missing captions are skipped, counted and named in
-the summary; all of them are listed in ``output_dir/skipped.jsonl``.
+what differs. Bad images (unreadable, truncated, zero-size, too large: over --max_pixels by their header, checked
+before any pixel is decoded) and missing captions are skipped, counted and named in the summary; all of them are
+listed in ``output_dir/skipped.jsonl``.
 """
 import sys
 

@@ -8,6 +8,12 @@ read on demand (:meth:`ImageSource.read`), so listing 500k LAION rows holds name
 :func:`decode_image` turns bytes into a [3, R, R] tensor in [-1, 1] (RGB, alpha over white, EXIF orientation,
 centre crop, Lanczos resize as ``sd_dmd.evaluate.lanczos``) or raises :class:`BadImage` with the reason; a bad
 item is the caller's to skip and count, never a crash.
+
+Memory of one decode is bounded: an image whose header says more than ``max_pixels`` (:data:`MAX_PIXELS`) pixels is
+skipped as 'too large: W×H ...' before any pixel is decoded (PIL itself only warns up to ~179 Mpx: one small PNG with a
+12000x12000 header took 1.5 GB), and an encoded image over :data:`MAX_FILE_BYTES` is refused unread (a folder file is
+stat'ed first). A decode thread so holds the encoded bytes plus a few copies of at most ``max_pixels`` pixels while
+converting (PIL stores 1-4 bytes a pixel: <= 256 MB a copy at the default).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,6 +42,9 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 FILE_COLUMNS = ("file_name", "filename", "file", "path", "image")  # caption maps: HF imagefolder's metadata.jsonl
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # found in a folder when --captions is not given
 DIGITS_CAPTION_SEED = 0  # the template of digit image i: default_rng(DIGITS_CAPTION_SEED).integers(6, size=N)[i]
+MAX_PIXELS = 64_000_000  # default pixel limit of decode_image (EncodeConfig.max_pixels)
+MAX_FILE_BYTES = 512 << 20  # 64 Mpx x 8 bytes (16-bit RGBA, uncompressed): no image within MAX_PIXELS needs more
+_OPEN_LOCK = threading.Lock()  # guards PIL's global Image.MAX_IMAGE_PIXELS while _open_image turns its check off
 
 
 class SourceError(PairsError):
@@ -98,6 +108,9 @@ class ImageSource:
 
 def _read_bytes(path: Path):
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # not read at all
+            return BadImage("too large", f"{size:,} bytes encoded (limit {MAX_FILE_BYTES:,})")
         return path.read_bytes()
     except OSError as e:
         return BadImage("unreadable", f"{type(e).__name__}: {e.strerror or e}")
@@ -365,9 +378,34 @@ def _rgb(img):
 _BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
-def decode_image(data, resolution: int) -> torch.Tensor:
-    """bytes (or a ready tensor) -> float [3, resolution, resolution] in [-1, 1]; raises :class:`BadImage`."""
-    from PIL import Image, ImageOps
+def _open_image(data: bytes, max_pixels: int):
+    """``Image.open`` of ``data`` (the header read, no pixel decoded); raises :class:`BadImage` 'too large: W×H ...'
+    over ``max_pixels`` pixels (<= 0: over PIL's own limit, 2 x ``Image.MAX_IMAGE_PIXELS``, unless that is None)."""
+    from PIL import Image
+
+    # PIL checks the size inside Image.open: it warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises
+    # DecompressionBombError above twice that, before the size can be read. So open with its check off and apply the
+    # limit here. MAX_IMAGE_PIXELS is a module global: it is switched under a lock, held by every open of this
+    # module (opening reads the header only: cheap), and restored at once.
+    with _OPEN_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    limit = max_pixels if max_pixels > 0 else 2 * (pil_limit or 0)
+    w, h = img.size
+    if limit and w * h > limit:
+        img.close()
+        raise BadImage("too large", f"{w}×{h} pixels (limit {limit:,}{', max_pixels' if max_pixels > 0 else ''})")
+    return img
+
+
+def decode_image(data, resolution: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """bytes (or a ready tensor) -> float [3, resolution, resolution] in [-1, 1]; raises :class:`BadImage`, 'too
+    large: W×H ...' for an image of more than ``max_pixels`` pixels (<= 0: PIL's own limit only), before decoding."""
+    from PIL import ImageOps
 
     from .evaluate import lanczos
 
@@ -379,10 +417,13 @@ def decode_image(data, resolution: int) -> torch.Tensor:
         return data.float()
     if not data:
         raise BadImage("zero-size", "0 bytes")
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImage("too large", f"{len(data):,} bytes encoded (limit {MAX_FILE_BYTES:,})")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_image(data, max_pixels) as img:  # the size is checked before load()
             img.load()  # decode it all now: a truncated file fails here, not later
-            img = _rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # in place: one full-size copy fewer
+            img = _rgb(img)
         if min(img.size) < 1:
             raise BadImage("zero-size", f"{img.size[0]}x{img.size[1]} pixels")
         img = lanczos(img, resolution)

@@ -2,7 +2,8 @@
 
 Layout of ``output_dir``:
   manifest.json                  VAE identity, resolution, latent shape/dtype, scaling factor, seed, source...
-  shards/shard-00000.parquet     rows: index, caption, source, latent (fp16 bytes, C order, N(0,1)-ish SD scale)
+  shards/shard-00000.parquet     rows: index, caption, source, latent (fp16 bytes, C order, N(0,1)-ish SD scale),
+                                 row_sha256 (a digest of the row's other values: pairs.row_digest)
   skipped.jsonl                  every skipped item: {"index", "source", "reason"} (written when the store completes)
 
 Rows are defined over the *source items*: the source lists its items in a deterministic order (sorted file names;
@@ -39,7 +40,8 @@ import numpy as np
 import torch
 
 from .config import field
-from .pairs import ROW_GROUP_ROWS, PairsError, ShardedStore, _atomic_write_bytes, pair_seed, shard_path
+from .pairs import (PairsError, ShardedStore, _atomic_write_bytes, corrupt_on_resume, pair_seed, shard_path,
+                    write_parquet)
 
 FORMAT = "sd_dmd.latents/1"
 MANIFEST = "manifest.json"
@@ -84,6 +86,9 @@ class EncodeConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "VAE compute dtype (the noise is drawn in fp32)")
     shard_size: int = field(256, "source items per shard (the unit of atomic writes and of resume)")
     num_workers: int = field(4, "threads decoding images (PIL releases the GIL); 0: in the main thread")
+    max_pixels: int = field(64_000_000, "skip an image whose header says more than this many pixels, before it is "
+                                        "decoded (reason 'too large: W×H'): bounds a decode thread's memory; 0: only "
+                                        "PIL's own limit (~179 Mpx)")
 
     def validate(self):
         from .config import ConfigError
@@ -230,19 +235,12 @@ def shard_items(k: int, shard_size: int, num_items: int) -> range:
 
 
 def write_shard(path: Path, rows: dict, info: dict) -> None:
-    """Rows + the footer record of what the shard covers, in one atomic write, row groups of ROW_GROUP_ROWS."""
+    """Rows + the footer record of what the shard covers, in one atomic write (:func:`pairs.write_parquet`)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table({"index": pa.array(rows["index"], pa.int64()), "caption": pa.array(rows["caption"], pa.string()),
                       "source": pa.array(rows["source"], pa.string()), "latent": pa.array(rows["latent"], pa.binary())})
-    table = table.replace_schema_metadata({SHARD_INFO: json.dumps(info)})
-    sink = pa.BufferOutputStream()
-    if table.num_rows:
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
-    else:  # no row group at all: `datasets` reads a 0-row group as batch size 0 and fails
-        pq.ParquetWriter(sink, table.schema).close()
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_parquet(path, table.replace_schema_metadata({SHARD_INFO: json.dumps(info)}))
 
 
 def shard_info(path: Path) -> Optional[dict]:
@@ -262,11 +260,11 @@ def shard_is_complete(path: Path, items: range) -> bool:
     return info is not None and info["first_index"] == items.start and info["items"] == len(items)
 
 
-def _decode_or_bad(raw, resolution: int):
+def _decode_or_bad(raw, resolution: int, max_pixels: int):
     from .image_sources import BadImage, decode_image
 
     try:
-        return decode_image(raw, resolution)
+        return decode_image(raw, resolution, max_pixels)
     except BadImage as e:
         return e
 
@@ -283,7 +281,7 @@ def make_shard(vae, source, items: range, cfg: EncodeConfig, resolution: int, po
         with_caption = [i for i in idx if source.captions[i] is not None]
         skipped += [[i, source.item_id(i), "missing caption"] for i in idx if source.captions[i] is None]
         raws = source.read(with_caption) if with_caption else []
-        decoded = list((pool.map if pool else map)(lambda r: _decode_or_bad(r, resolution), raws))
+        decoded = list((pool.map if pool else map)(lambda r: _decode_or_bad(r, resolution, cfg.max_pixels), raws))
         good = [(i, x) for i, x in zip(with_caption, decoded) if not isinstance(x, BadImage)]
         skipped += [[i, source.item_id(i), x.reason] for i, x in zip(with_caption, decoded) if isinstance(x, BadImage)]
         if good:
@@ -401,7 +399,7 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     for k in range(state.process_index, n_shards, state.num_processes):
         items = shard_items(k, shard_size, num_items)
         shard_path(out, k).with_name(shard_path(out, k).name + ".tmp").unlink(missing_ok=True)  # a killed write
-        if shard_is_complete(shard_path(out, k), items):
+        if shard_is_complete(shard_path(out, k), items) and not corrupt_on_resume(shard_path(out, k), log):
             stats.already_done += len(items)
         else:
             todo.append(k)

@@ -3,7 +3,8 @@
 Layout of ``output_dir``:
   manifest.json                  teacher, scheduler, steps, guidance, resolution, latent shape/dtype, seeds...
   prompts.jsonl                  the prompt list (file order, one JSON string a line): a changed list is named
-  shards/shard-00000.parquet     rows: index, prompt, seed, noise_sha1, latent (fp16 bytes, C order)
+  shards/shard-00000.parquet     rows: index, prompt, seed, noise_sha1, latent (fp16 bytes, C order), row_sha256
+                                 (a digest of the row's other values, checked on every read: :func:`row_digest`)
 
 Pair ``i`` uses prompt ``prompts[i % len(prompts)]`` (in file order, or in the seeded order of
 :func:`prompt_order` with ``--shuffle_prompts``) and noise from its own CPU generator seeded by
@@ -219,17 +220,92 @@ def check_same_store(existing: dict, wanted: dict, where: Path, prompts: Optiona
 ROW_GROUP_ROWS = 16
 
 
-def write_shard(path: Path, rows: dict) -> None:
-    """Write one shard atomically (temp file + fsync + rename), in row groups of :data:`ROW_GROUP_ROWS`."""
+# Every row carries a digest of its values (DIGEST_COLUMN, written with the shard): reads check the rows they return,
+# a resume and verify_store check every row. Shards written before it have no such column: named as unverifiable.
+DIGEST_COLUMN = "row_sha256"
+
+
+def row_digest(values) -> str:
+    """sha256 (first 128 bits, hex) of one row's values in column order (index first, latent bytes last): each value
+    as its bytes (ints 8 bytes little-endian, text UTF-8) preceded by their length."""
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, str):
+            b = memoryview(v.encode())
+        elif isinstance(v, (int, np.integer)):
+            b = memoryview(int(v).to_bytes(8, "little", signed=True))
+        else:  # bytes, or a pyarrow Buffer (no copy)
+            b = memoryview(v)
+        h.update(b.nbytes.to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:32]
+
+
+def write_parquet(path: Path, table) -> None:
+    """Write ``table`` as one shard: each row's digest added (:func:`row_digest` of its values in column order), row
+    groups of :data:`ROW_GROUP_ROWS`, one atomic write."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"index": pa.array(rows["index"], pa.int64()), "prompt": pa.array(rows["prompt"], pa.string()),
-                      "seed": pa.array(rows["seed"], pa.int64()), "noise_sha1": pa.array(rows["noise_sha1"], pa.string()),
-                      "latent": pa.array(rows["latent"], pa.binary())})
+    cols = [table.column(c).to_pylist() for c in table.column_names]
+    table = table.append_column(DIGEST_COLUMN, pa.array([row_digest(v) for v in zip(*cols)], pa.string()))
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
+    if table.num_rows:
+        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
+    else:  # no row group at all: `datasets` reads a 0-row group as batch size 0 and fails
+        pq.ParquetWriter(sink, table.schema).close()
     _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def write_shard(path: Path, rows: dict) -> None:
+    """Write one pairs shard (:func:`write_parquet`)."""
+    import pyarrow as pa
+
+    write_parquet(path, pa.table({
+        "index": pa.array(rows["index"], pa.int64()), "prompt": pa.array(rows["prompt"], pa.string()),
+        "seed": pa.array(rows["seed"], pa.int64()), "noise_sha1": pa.array(rows["noise_sha1"], pa.string()),
+        "latent": pa.array(rows["latent"], pa.binary())}))
+
+
+def corrupt_rows(path: Path) -> Optional[list[str]]:
+    """Every row of a shard whose values do not match their digest, as 'index I (row group G)'; None when the shard
+    has no digests (written before they were). Reads the whole shard: for resumes and verify_store."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if DIGEST_COLUMN not in names:
+        return None
+    values = [c for c in names if c != DIGEST_COLUMN]
+    bad = []
+    for g in range(pf.metadata.num_row_groups):
+        t = pf.read_row_group(g)
+        cols = [t.column(c).to_pylist() for c in values]
+        for row, digest in zip(zip(*cols), t.column(DIGEST_COLUMN).to_pylist()):
+            if row_digest(row) != digest:
+                bad.append(f"index {row[0]} (row group {g})")
+    return bad
+
+
+def shard_corruption(path: Path) -> Optional[str]:
+    """Why a complete-looking shard cannot be trusted ('rows that do not match their digest: index 3 (row group 0)'),
+    or None when every row matches or the shard has no digests."""
+    try:
+        bad = corrupt_rows(path)
+    except Exception as e:  # the footer parsed for the completeness check, but a page does not decode
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if not bad:
+        return None
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"{len(bad)} row(s) do not match their digest: {', '.join(bad[:5])}{more}"
+
+
+def corrupt_on_resume(path: Path, log) -> bool:
+    """A resume re-makes a complete-looking shard whose pages do not verify, and says so."""
+    why = shard_corruption(path)
+    if why is not None:
+        log(f"{path}: corrupt, re-making it: {why}")
+    return why is not None
 
 
 def shard_is_complete(path: Path, expected_rows: int) -> bool:
@@ -274,6 +350,8 @@ class ShardedStore:
         self._latent_bytes = int(np.prod(self.latent_shape)) * np.dtype(np.float16).itemsize
         self._shards: list[Path] = []
         self._group_starts: list[np.ndarray] = []  # first row of each row group, per shard
+        self.unverifiable: list[Path] = []  # shards written without row digests (older stores)
+        self._digested: list[bool] = []  # per shard: whether its rows carry digests
         indices, shard_of, row_of = [], [], []
         for k in range(num_shards):
             p = shard_path(self.path, k)
@@ -292,12 +370,23 @@ class ShardedStore:
                 raise
             except Exception as e:
                 raise self._error(f"{p}: unreadable shard ({type(e).__name__}: {e})") from None
+            self._digested.append(DIGEST_COLUMN in pf.schema_arrow.names)
+            if not self._digested[-1]:
+                self.unverifiable.append(p)
             indices.append(idx)
             shard_of.append(np.full(len(idx), len(self._shards), np.int32))
             row_of.append(np.arange(len(idx), dtype=np.int32))
             self._shards.append(p)
             self._group_starts.append(np.cumsum([0] + sizes[:-1]))
         return indices, shard_of, row_of
+
+    def verification_note(self) -> Optional[str]:
+        """One line when some shards cannot be verified (written before rows carried digests), else None."""
+        if not self.unverifiable:
+            return None
+        return (f"note: {len(self.unverifiable)} of {len(self._shards)} shards of {self.path} were written without "
+                f"row digests (before sd_dmd wrote them); their data cannot be verified (first: "
+                f"{self.unverifiable[0].name})")
 
     def _set_index(self, indices: list, shard_of: list, row_of: list) -> None:
         order = np.argsort(np.concatenate(indices), kind="stable")
@@ -327,17 +416,25 @@ class ShardedStore:
         latent = np.empty((len(rows), *self.latent_shape), np.float16)
         for s in sorted({s for s, _ in by_group}):
             path = self._shards[s]
+            columns = self._COLUMNS + [DIGEST_COLUMN] * self._digested[s]
             try:
                 pf = pq.ParquetFile(path)
                 for g in sorted(g for t, g in by_group if t == s):
-                    table = pf.read_row_group(g, columns=self._COLUMNS)
+                    table = pf.read_row_group(g, columns=columns)
                     for j in by_group[(s, g)]:
                         at = int(self._row_of[rows[j]] - self._group_starts[s][g])
                         for c in lists:
                             out[c][j] = table.column(c)[at].as_py()
                         buf = table.column("latent")[at].as_buffer()
+                        index = int(self.indices[rows[j]])
+                        if self._digested[s] and row_digest([index, *(out[c][j] for c in lists), buf]) != \
+                                table.column(DIGEST_COLUMN)[at].as_py():
+                            raise self._error(
+                                f"{path}: corrupt shard, {self._row_name} {index} (row group {g}) does not match its "
+                                f"digest; re-run the command that made {self.path} to re-make the shard (python -m "
+                                f"sd_dmd.verify_store {self.path} lists every bad one)")
                         if buf.size != self._latent_bytes:
-                            raise self._error(f"{path}: {self._row_name} {int(self.indices[rows[j]])} holds "
+                            raise self._error(f"{path}: {self._row_name} {index} holds "
                                               f"{buf.size} latent bytes, the manifest's shape "
                                               f"{list(self.latent_shape)} needs {self._latent_bytes}")
                         latent[j] = np.frombuffer(buf, np.float16).reshape(self.latent_shape)
@@ -686,7 +783,7 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     for k in mine:
         rows = min(shard_size, num_pairs - k * shard_size)
         shard_path(out, k).with_name(shard_path(out, k).name + ".tmp").unlink(missing_ok=True)  # a killed write
-        if shard_is_complete(shard_path(out, k), rows):
+        if shard_is_complete(shard_path(out, k), rows) and not corrupt_on_resume(shard_path(out, k), log):
             stats.already_done += rows
         else:
             todo.append((k, rows))

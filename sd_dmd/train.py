@@ -184,6 +184,9 @@ class Trainer:
             self.real_store = LatentStore(cfg.gan.real_latents)
             self.real_store.check_compatible(vae_identity(m.vae), cfg.model.resolution)
             m.add_gan_head(cfg.model.resolution)
+        for store in (self.store, self.real_store):  # reads check row digests; an old store has none
+            if store is not None and store.verification_note():
+                log(store.verification_note())
         o = cfg.optim
         self.gen_params = m.adapter_parameters(GENERATOR)
         self.fake_params = m.adapter_parameters(FAKE)

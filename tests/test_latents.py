@@ -108,7 +108,7 @@ def test_readable_with_datasets(folder_store, tmp_path):
     # shard 1 has no rows (and no row group: `datasets` fails on a 0-row group)
     ds = load_dataset("parquet", data_files=str(folder_store / "shards" / "*.parquet"), split="train",
                       cache_dir=str(tmp_path))
-    assert len(ds) == 5 and ds.column_names == ["index", "caption", "source", "latent"]
+    assert len(ds) == 5 and ds.column_names == ["index", "caption", "source", "latent", "row_sha256"]
     row = ds[4]
     lat = np.frombuffer(row["latent"], dtype=np.float16).reshape(4, 8, 8)
     assert np.array_equal(lat, LatentStore(folder_store).rows([4])["latent"][0]) and row["source"] == "sub/e.png"
