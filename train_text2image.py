@@ -8,14 +8,14 @@ Flags: --resume (continue from the latest checkpoint in output_dir), --overwrite
 import sys
 
 from sd_dmd.cli import guarded, run_cli
-from sd_dmd.train_config import Config
+from sd_dmd.training.config import Config
 
 
 def main(argv=None):
     cfg, flags = run_cli(Config, argv, __doc__, extra_flags=(
         ("resume", "continue from the latest complete checkpoint in output_dir"),
         ("overwrite", "replace a previous run in output_dir")))
-    from sd_dmd.train import check_start, train
+    from sd_dmd.training.loop import check_start, train
 
     if flags["dry_run"]:  # the checks a real start makes before loading the model; nothing is written
         guarded(check_start, cfg, resume=flags["resume"], overwrite=flags["overwrite"])

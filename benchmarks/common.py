@@ -35,7 +35,7 @@ def time_call(fn, repeats: int, warmup: int = 1) -> float:
 
 def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
     """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 (SD1.5-shaped, random weights)."""
-    from sd_dmd.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+    from sd_dmd.models.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
 
     if kind == "tiny":
         return str(build_tiny_pipeline(tmp / "tiny")), 16
@@ -43,7 +43,7 @@ def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
         return str(build_tiny_pipeline(tmp / "medium", sample_size=32, unet_channels=(128, 256, 512), text_dim=256,
                                        vae_channels=(32, 64, 64, 64))), 256
     if kind == "digits":
-        from sd_dmd.digits import TEACHER_DIR
+        from sd_dmd.data.digits import TEACHER_DIR
 
         return str(TEACHER_DIR), 32
     if kind == "sd15":

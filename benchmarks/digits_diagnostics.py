@@ -39,8 +39,8 @@ def build_trainer(overrides: list[str], steps: int, log=lambda *a, **k: None):
     from accelerate.utils import set_seed
 
     from sd_dmd.config import load_config
-    from sd_dmd.train import Trainer
-    from sd_dmd.train_config import Config
+    from sd_dmd.training.loop import Trainer
+    from sd_dmd.training.config import Config
 
     cfg, _ = load_config(Config, ["--config", str(ROOT / "configs" / "digits.yaml"),
                                   "--train.max_steps", str(steps), *overrides])
@@ -53,7 +53,7 @@ def build_trainer(overrides: list[str], steps: int, log=lambda *a, **k: None):
 @torch.no_grad()
 def generate_eval(model, n_per_class: int, seed: int, batch: int = 250):
     """Images of G for digits 0-9, the noise of sample_digits (one generator per image)."""
-    from sd_dmd.digits.data import prompt_for
+    from sd_dmd.data.digits import prompt_for
 
     labels = torch.arange(10).repeat_interleave(n_per_class)
     prompts = [prompt_for(int(k)) for k in labels]
@@ -71,7 +71,7 @@ class Probe:
     """Fixed samples, noise and timesteps, so that successive probes differ only by the training."""
 
     def __init__(self, model, n: int = 200, seed: int = 1234):
-        from sd_dmd.digits.data import prompt_for
+        from sd_dmd.data.digits import prompt_for
 
         g = torch.Generator("cpu").manual_seed(seed)
         self.model = model
@@ -119,7 +119,7 @@ class Probe:
 
 def run(overrides: list[str], steps: int, probe_every: int, eval_every: int, eval_per_class: int,
         eval_seed: int = 10_000, tag: str = "") -> dict:
-    from sd_dmd.digits.evaluate import digit_metrics, load_classifier
+    from sd_dmd.evaluation.digits.evaluate import digit_metrics, load_classifier
 
     trainer, cfg = build_trainer(overrides, steps)
     model = trainer.model

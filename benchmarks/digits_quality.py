@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,58 +35,64 @@ TEACHER_50 = f"teacher, 50 steps (PNDM, CFG {GUIDANCE:g})"
 TEACHER_50_CFG3 = "teacher, 50 steps (PNDM, CFG 3: the reference before issue 15)"
 TEACHER_1 = f"teacher, 1 step (CFG {GUIDANCE:g})"
 TEACHER_1_NOCFG = "teacher, 1 step, no CFG (= G at step 0)"
-SHIPPED = "shipped recipe (configs/digits.yaml)"
-# name -> overrides on top of configs/digits.yaml; the shipped recipe is the first
-VARIANTS = {
-    SHIPPED: [],
-    "distribution matching only (DMD2-style)": ["--regression.loss", "none"],
-    "regression only": ["--dmd.dm_weight", "0"],
-    "the recipe before issue 15": [
+
+
+@dataclass(frozen=True)
+class Row:
+    """One distilled row: ``train_text2image.py --config configs/<config>.yaml`` plus ``overrides``, trained in
+    ``run_dir(out, name)``. Its name is its label everywhere (table, curves, picture, commands, --variants) and the
+    key of every lookup (``ROW``); rows name other rows by the Row itself."""
+
+    name: str
+    overrides: tuple[str, ...] = ()  # on top of the config; "REAL": the benchmark's real digits as latents
+    config: str = "digits"  # configs/<config>.yaml
+    resume: Row | None = None  # a second stage: resumes this row's finished run (a new output_dir, no --overwrite)
+    resume_step: int | None = None  # ... from its checkpoint at this step
+    table2: bool = False  # an ablation of the paper's Table 2: the targets check "shipped < this row"
+    one_step: Row | None = None  # a 4-step row: "4 steps beat 1" compares it with this 1-step row
+    gan_control: Row | None = None  # the same training without the GAN: "the GAN's own share" compares them
+
+
+_X64 = ("--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64")  # see the x64 row
+_1200 = ("--train.max_steps", "1200", "--checkpointing.every", "200")
+_STAGE2 = ("--train.max_steps", "1800", "--checkpointing.every", "200", "--optim.lr_generator", "1e-4",
+           "--optim.lr_fake", "3e-4")
+# every row, in the order of the tables, curves and picture; the shipped recipe is the first
+ROWS = [
+    Row("shipped recipe (configs/digits.yaml)"),
+    Row("distribution matching only (DMD2-style)", ("--regression.loss", "none"), table2=True),
+    Row("regression only", ("--dmd.dm_weight", "0"), table2=True),
+    Row("the recipe before issue 15", (
         "--optim.lr_generator", "1e-3", "--optim.lr_fake", "1e-3", "--dmd.fake_updates_per_step", "1",
         "--dmd.fake_loss_weighting", "eps", "--train.max_steps", "400", "--regression.weight", "0.25",
-        "--regression.loss", "l2", "--train.ema_decay", "0", "--dmd.real_guidance_scale", "3"],
+        "--regression.loss", "l2", "--train.ema_decay", "0", "--dmd.real_guidance_scale", "3")),
     # DMD2 (issue 16): their own configs; the GAN rows train against the 1,797 real digits (sd_dmd.encode_images)
-    "DMD2 (TTUR 2, no regression)": [],
-    "DMD2 + GAN": [],
-    "DMD2 + GAN, 4 steps": [],
-    "DMD + GAN (with regression)": ["--gan.real_latents", "REAL"],
+    Row("DMD2 (TTUR 2, no regression)", config="digits_dmd2"),
+    (_gan := Row("DMD2 + GAN", config="digits_dmd2_gan")),
+    Row("DMD2 + GAN, 4 steps", config="digits_dmd2_4step", one_step=_gan),
+    Row("DMD + GAN (with regression)", ("--gan.real_latents", "REAL")),
     # DMD2's SD1.5 weights balance a per-sample GAN loss against per-element DM/fake losses over 4x64x64 latents;
     # over the digits' 4x8x8 the same weights are 64x weaker relative to them: this row scales both by 64
-    "DMD2 + GAN x64 (weights scaled to the latent size)": ["--gan.generator_weight", "0.064",
-                                                           "--gan.discriminator_weight", "0.64"],
+    Row("DMD2 + GAN x64 (weights scaled to the latent size)", _X64, "digits_dmd2_gan"),
     # the curves still fall at 400 steps: the x64 GAN row and its no-GAN control, trained 3x longer (checkpoints
     # every 200 steps; runs finished by a resume count, and a note beside their time says so: see time_notes)
-    "DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)": [
-        "--train.max_steps", "1200", "--checkpointing.every", "200"],
-    "DMD2 + GAN x64, 1200 steps": ["--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64",
-                                   "--train.max_steps", "1200", "--checkpointing.every", "200"],
-    "DMD2 + GAN x256, 1200 steps": ["--gan.generator_weight", "0.256", "--gan.discriminator_weight", "2.56",
-                                    "--train.max_steps", "1200", "--checkpointing.every", "200"],
+    (_control := Row("DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)", _1200,
+                     "digits_dmd2")),
+    (_x64_1200 := Row("DMD2 + GAN x64, 1200 steps", _X64 + _1200, "digits_dmd2_gan", gan_control=_control)),
+    Row("DMD2 + GAN x256, 1200 steps", ("--gan.generator_weight", "0.256", "--gan.discriminator_weight", "2.56",
+                                        *_1200), "digits_dmd2_gan"),
     # DMD2's second stage (their SD1.5 recipe drops the lr ~20x for it): the finished x64 run resumed for 600 more
-    # steps at a lower lr (SECOND_STAGE names the checkpoint each starts from)
-    "DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)": [
-        "--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64", "--train.max_steps", "1800",
-        "--checkpointing.every", "200", "--optim.lr_generator", "1e-4", "--optim.lr_fake", "3e-4"],
+    # steps at a lower lr, from its checkpoint at resume_step
+    (_x64_stage2 := Row("DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
+                        "digits_dmd2_gan", resume=_x64_1200, resume_step=1200)),
     # 4 steps by backward simulation with the 1-step x64 rows' weights, length and second stage: "4 steps beat 1"
-    "DMD2 + GAN x64, 4 steps, 1200 steps": ["--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64",
-                                            "--train.max_steps", "1200", "--checkpointing.every", "200"],
-    "DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)": [
-        "--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64", "--train.max_steps", "1800",
-        "--checkpointing.every", "200", "--optim.lr_generator", "1e-4", "--optim.lr_fake", "3e-4"],
-}
-SECOND_STAGE = {  # row -> (the row whose finished run it resumes, from that run's checkpoint at this step)
-    "DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)": ("DMD2 + GAN x64, 1200 steps", 1200),
-    "DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)": (
-        "DMD2 + GAN x64, 4 steps, 1200 steps", 1200)}
-CONFIGS = {"DMD2 (TTUR 2, no regression)": "digits_dmd2", "DMD2 + GAN": "digits_dmd2_gan",
-           "DMD2 + GAN, 4 steps": "digits_dmd2_4step",
-           "DMD2 + GAN x64 (weights scaled to the latent size)": "digits_dmd2_gan",
-           "DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)": "digits_dmd2",
-           "DMD2 + GAN x64, 1200 steps": "digits_dmd2_gan", "DMD2 + GAN x256, 1200 steps": "digits_dmd2_gan",
-           "DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)": "digits_dmd2_gan",
-           "DMD2 + GAN x64, 4 steps, 1200 steps": "digits_dmd2_4step",
-           "DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)": "digits_dmd2_4step"}
-# default: digits.yaml
+    (_x64_4 := Row("DMD2 + GAN x64, 4 steps, 1200 steps", _X64 + _1200, "digits_dmd2_4step", one_step=_x64_1200)),
+    Row("DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
+        "digits_dmd2_4step", resume=_x64_4, resume_step=1200, one_step=_x64_stage2),
+]
+ROW = {r.name: r for r in ROWS}  # name -> row: --variants and every table look rows up by name
+assert len(ROW) == len(ROWS), "two rows share a name"
+SHIPPED = ROWS[0].name
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -252,9 +259,10 @@ def main():
 
     encode_images.main(["--source", "digits", "--output_dir", str(real)])
     commands = {}
-    names = args.variants or list(VARIANTS)
+    names = args.variants or [r.name for r in ROWS]
     for name in names:
-        extra = VARIANTS[name]
+        row = ROW[name]
+        extra = row.overrides
         run = run_dir(args.out, name)
         pairs = inputs / "pairs"
         if "--dmd.real_guidance_scale" in extra:  # regression targets made with that guidance
@@ -262,7 +270,7 @@ def main():
             if g != GUIDANCE:
                 pairs = args.out / f"inputs_cfg{g:g}" / "pairs"
                 make_inputs(pairs.parent, args.num_pairs, guidance=g)
-        config = CONFIGS.get(name, "digits")
+        config = row.config
         extra = [str(real) if a == "REAL" else a for a in extra]
         if config != "digits" and "GAN" in name:  # the config names demo_out/real; the benchmark has its own
             extra = extra + ["--gan.real_latents", str(real)]
@@ -273,11 +281,10 @@ def main():
         if args.steps:
             argv += ["--train.max_steps", str(args.steps)]
         parent = None
-        if name in SECOND_STAGE:  # resumes another row's finished run: a new output_dir, so no --overwrite
-            parent_name, parent_step = SECOND_STAGE[name]
-            parent = run_dir(args.out, parent_name)
+        if row.resume is not None:  # resumes another row's finished run: a new output_dir, so no --overwrite
+            parent = run_dir(args.out, row.resume.name)
             argv = [a for a in argv if a != "--overwrite"] + [
-                "--checkpointing.resume_from", str(parent / f"checkpoint-{parent_step}")]
+                "--checkpointing.resume_from", str(parent / f"checkpoint-{row.resume_step}")]
         if args.reuse and finished_with_same_config(run, argv):
             saved = json.loads(seconds_file(run).read_text())
             times[name] = saved["seconds"]
@@ -294,20 +301,20 @@ def main():
             if parent is not None:  # the row's model took both stages
                 first = json.loads(seconds_file(parent).read_text())["seconds"]
                 saved = {"seconds": first + times[name], "note": (
-                    f"both stages: '{SECOND_STAGE[name][0]}' ({first:.0f} s) and the second stage resumed from its "
-                    f"step {SECOND_STAGE[name][1]} ({times[name]:.0f} s)")}
+                    f"both stages: '{row.resume.name}' ({first:.0f} s) and the second stage resumed from its "
+                    f"step {row.resume_step} ({times[name]:.0f} s)")}
                 times[name] = saved["seconds"]
                 time_notes[name] = saved["note"]
             seconds_file(run).write_text(json.dumps(saved))
         commands[name] = (f"python train_text2image.py --config configs/{config}.yaml "
                           + " ".join(a.replace(str(real), "demo_out/real") for a in extra)
-                          + (f" --checkpointing.resume_from <the run of '{SECOND_STAGE[name][0]}'>/checkpoint-"
-                             f"{SECOND_STAGE[name][1]}" if parent is not None else ""))
+                          + (f" --checkpointing.resume_from <the run of '{row.resume.name}'>/checkpoint-"
+                             f"{row.resume_step}" if parent is not None else ""))
         ts = lora_timesteps(run / "final")
         measure(name, one_step(str(TEACHER_DIR), str(run / "final")), steps=len(ts), guidance=0.0, timesteps=ts)
         first = [{"step": 0, **start}]
-        if parent is not None and SECOND_STAGE[name][0] in curves:  # the second stage continues its first's curve
-            first = [c for c in curves[SECOND_STAGE[name][0]] if c["step"] <= SECOND_STAGE[name][1]]
+        if parent is not None and row.resume.name in curves:  # the second stage continues its first's curve
+            first = [c for c in curves[row.resume.name] if c["step"] <= row.resume_step]
         curves[name] = first + checkpoint_curve(run, measure_one)
         print(name, "curve", curves[name], flush=True)
 
@@ -365,7 +372,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
     ]
     for name, r in rows.items():
         steps = 50 if name.startswith("teacher, 50") else 4 if "4 steps" in name else 1
-        ov = [("demo_out/real" if a == "REAL" else a) for a in VARIANTS.get(name) or []]
+        ov = [("demo_out/real" if a == "REAL" else a) for a in (ROW[name].overrides if name in ROW else ())]
         lines.append(
             f"| {name} | {steps} | {r['digits_fid'][0]:.1f} +- {r['digits_fid'][1]:.1f} | "
             f"{r['digits_fid'][0] / teacher['digits_fid'][0]:.2f} | "
@@ -394,7 +401,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
             f"- better than the 1-step teacher (CFG {GUIDANCE:g}): {s['digits_fid'][0] < one['digits_fid'][0]}; than G at step 0 "
             f"(1 step, no CFG): {s['digits_fid'][0] < rows[TEACHER_1_NOCFG]['digits_fid'][0]}",
         ]
-        for other in ("distribution matching only (DMD2-style)", "regression only"):
+        for other in [r.name for r in ROWS if r.table2]:
             if other in rows:
                 lines.append(f"- Table 2 ordering, shipped < {other}: "
                              f"{s['digits_fid'][0] < rows[other]['digits_fid'][0]} "
@@ -408,21 +415,18 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
             lines.append(f"- {n}: digits-FID {rows[n]['digits_fid'][0]:.1f} vs the 50-step teacher's "
                          f"{teacher['digits_fid'][0]:.1f}: student beats its teacher: "
                          f"{rows[n]['digits_fid'][0] < teacher['digits_fid'][0]}")
-        for four, one_gan in (("DMD2 + GAN, 4 steps", "DMD2 + GAN"),
-                              ("DMD2 + GAN x64, 4 steps, 1200 steps", "DMD2 + GAN x64, 1200 steps"),
-                              ("DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)",
-                               "DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)")):
+        for four, one_gan in [(r.name, r.one_step.name) for r in ROWS if r.one_step is not None]:
             if four in rows and one_gan in rows:
                 lines.append(f"- 4 steps beat 1 step ('{four}' vs '{one_gan}'): "
                              f"{rows[four]['digits_fid'][0] < rows[one_gan]['digits_fid'][0]} "
                              f"({rows[four]['digits_fid'][0]:.1f} vs {rows[one_gan]['digits_fid'][0]:.1f} digits-FID; "
                              f"coverage {rows[four]['coverage_mean'][0]:.3f} vs {rows[one_gan]['coverage_mean'][0]:.3f})")
-        ctrl, long_gan = ("DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)",
-                          "DMD2 + GAN x64, 1200 steps")
-        if ctrl in rows and long_gan in rows:
-            lines.append(f"- the GAN's own share, at 1200 steps: DMD2 + GAN x64 {rows[long_gan]['digits_fid'][0]:.1f} "
-                         f"vs DMD2 without it {rows[ctrl]['digits_fid'][0]:.1f} digits-FID; coverage "
-                         f"{rows[long_gan]['coverage_mean'][0]:.3f} vs {rows[ctrl]['coverage_mean'][0]:.3f}")
+        for long_gan, ctrl in [(r.name, r.gan_control.name) for r in ROWS if r.gan_control is not None]:
+            if ctrl in rows and long_gan in rows:
+                lines.append(f"- the GAN's own share, at 1200 steps: DMD2 + GAN x64 "
+                             f"{rows[long_gan]['digits_fid'][0]:.1f} vs DMD2 without it "
+                             f"{rows[ctrl]['digits_fid'][0]:.1f} digits-FID; coverage "
+                             f"{rows[long_gan]['coverage_mean'][0]:.3f} vs {rows[ctrl]['coverage_mean'][0]:.3f}")
         for n in gan_rows:
             d = gan_history.get(n)
             if d:

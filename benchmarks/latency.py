@@ -23,7 +23,7 @@ def add_random_lora(pipe, rank: int = 64):
     """Attach a generator-shaped LoRA with non-zero weights (random weights time like trained ones)."""
     from peft import LoraConfig
 
-    from sd_dmd.model import DEFAULT_LORA_TARGETS
+    from sd_dmd.models.shared_unet import DEFAULT_LORA_TARGETS
 
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(DEFAULT_LORA_TARGETS),
                                      init_lora_weights="gaussian"), adapter_name="generator")
@@ -63,8 +63,8 @@ def main():
     args = p.parse_args()
     from diffusers import AutoencoderTiny, LCMScheduler
 
-    from sd_dmd.pairs import teacher_pipeline
-    from sd_dmd.sample import one_step_generate
+    from sd_dmd.models.teacher import teacher_pipeline
+    from sd_dmd.outputs.sample import one_step_generate
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -29,7 +29,8 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from sd_dmd.pairs import PairsConfig, generate_pairs, pair_noise, pair_seed, teacher_latents, teacher_pipeline
+    from sd_dmd.data.pairs import PairsConfig, generate_pairs, pair_noise, pair_seed
+    from sd_dmd.models.teacher import teacher_latents, teacher_pipeline
     tmp = Path(tempfile.mkdtemp())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mp = "fp16" if device == "cuda" else "no"
@@ -61,7 +62,7 @@ def main():
         return time.perf_counter() - t0
 
     # where generate_pairs' time goes, measured without touching its code: its pipeline calls, and the writer thread
-    from sd_dmd import pairs
+    from sd_dmd.data import pairs
     in_pipe, on_writer = [0.0], [0.0]
 
     def timed(acc, fn):

@@ -33,7 +33,7 @@ RECIPES = [
 
 
 def lora_b_grads(path: str, res: int, weight_dtype, autocast, scale: float, seed: int = 0) -> dict:
-    from sd_dmd.model import DMDModel
+    from sd_dmd.models.shared_unet import DMDModel
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)

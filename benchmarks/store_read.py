@@ -53,7 +53,7 @@ def measure(store_dir: Path, batch: int, batches: int, verify: bool) -> dict:
     """Runs in a fresh process: the reader's own memory and speed."""
     import numpy as np
 
-    from sd_dmd.pairs import ROW_GROUP_ROWS, PairsStore
+    from sd_dmd.data.pairs import ROW_GROUP_ROWS, PairsStore
     from sd_dmd.tiny import write_synthetic_store
 
     warm_dir = store_dir.parent / (store_dir.name + "_warmup")
@@ -106,7 +106,7 @@ def main():
         return
     from common import device_line
 
-    from sd_dmd.pairs import MANIFEST
+    from sd_dmd.data.pairs import MANIFEST
     from sd_dmd.tiny import write_synthetic_store
 
     if not (store_dir / MANIFEST).exists():
@@ -145,7 +145,7 @@ def interleaved(store_dir: Path, batch: int, batches: int) -> dict:
     written before rows carried digests), cold (page cache dropped first) then warm; the time of each arm."""
     import numpy as np
 
-    from sd_dmd.pairs import PairsStore
+    from sd_dmd.data.pairs import PairsStore
 
     store = PairsStore(store_dir)
     on, off = list(store._digested), [False] * len(store._digested)

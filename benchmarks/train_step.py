@@ -105,8 +105,8 @@ def shared_trainer(model, res, pairs, prompts, batch, precision, gc_on, opt8, re
     from accelerate import Accelerator
 
     from sd_dmd.config import from_dict
-    from sd_dmd.train import Trainer
-    from sd_dmd.train_config import Config
+    from sd_dmd.training.loop import Trainer
+    from sd_dmd.training.config import Config
 
     wdt = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
     cfg = from_dict(Config, {
@@ -136,12 +136,12 @@ def unet_forward_time(unet, batch, latent, cond_dim, dtype, repeats) -> float:
 
 def three_unet_step_fn(model, batch, precision, gc_on, opt8, latent):
     """DMD2's layout: a frozen teacher, a fully trained fake UNet and a fully trained generator (fp32 master
-    weights, autocast), with the same losses from sd_dmd.losses. Returns (step fn, teacher UNet)."""
+    weights, autocast), with the same losses from sd_dmd.core.losses. Returns (step fn, teacher UNet)."""
     from diffusers import UNet2DConditionModel
 
-    from sd_dmd.denoisers import CFGDenoiser, EpsDenoiser
-    from sd_dmd.losses import dmd_loss, fake_score_loss
-    from sd_dmd.schedule import NoiseSchedule
+    from sd_dmd.core.denoisers import CFGDenoiser, EpsDenoiser
+    from sd_dmd.core.losses import dmd_loss, fake_score_loss
+    from sd_dmd.core.schedule import NoiseSchedule
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     wdt = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

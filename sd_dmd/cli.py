@@ -5,19 +5,14 @@ import sys
 
 import yaml
 
-from .config import ConfigDumper, ConfigError, load_config, to_dict
+from sd_dmd.config import ConfigDumper, ConfigError, load_config, to_dict
+from sd_dmd.errors import ModelError, PairsError, PromptError, TrainingError
 
 DRY_RUN = ("dry_run", "print the resolved config, run the start checks (paths, precision, output_dir, resume) and exit without loading models or writing anything")
 
 
-def user_errors():
-    from .model import ModelError
-    from .pairs import PairsError
-    from .prompts import PromptError
-
-    from .train import TrainingError
-
-    return (ConfigError, ModelError, PairsError, PromptError, TrainingError, FileNotFoundError)
+# what a command turns into one `error: ...` line and exit 2 (LatentsError and SourceError are PairsErrors)
+USER_ERRORS = (ConfigError, ModelError, PairsError, PromptError, TrainingError, FileNotFoundError)
 
 
 def fail(msg: str) -> None:
@@ -35,7 +30,7 @@ def run_cli(cls, argv, description: str, extra_flags=()):
         cfg, flags = load_config(cls, argv, description=description, extra_flags=(DRY_RUN, *extra_flags))
     except ConfigError as e:
         fail(str(e))
-    from .dist import partial_state
+    from sd_dmd.dist import partial_state
 
     if partial_state().is_main_process:
         print(yaml.dump({"config": to_dict(cfg)}, Dumper=ConfigDumper, sort_keys=False).rstrip())
@@ -46,5 +41,5 @@ def guarded(fn, *args, **kwargs):
     """Call ``fn``; user-input errors become ``error: ...`` on stderr and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         fail(str(e))

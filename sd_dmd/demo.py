@@ -35,8 +35,8 @@ def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0, guidance: float 
     made with the real score's guidance (``shipped_guidance()`` unless given). ``num_pairs=0``: prompts only."""
     import generate_pairs
 
-    from .digits import TEACHER_DIR
-    from .digits.data import write_prompt_file
+    from sd_dmd.data.digits import TEACHER_DIR
+    from sd_dmd.data.digits import write_prompt_file
 
     out.mkdir(parents=True, exist_ok=True)
     write_prompt_file(out / "prompts.txt", n_per_class=100, seed=seed)
@@ -53,7 +53,7 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
     """Pairs + distillation into ``out``; returns the LoRA directory."""
     import train_text2image
 
-    from .digits import TEACHER_DIR
+    from sd_dmd.data.digits import TEACHER_DIR
 
     make_inputs(out, num_pairs, seed)
     argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(out / "run"),
@@ -71,9 +71,9 @@ def evaluate_lora(lora: Path | None, n_per_class: int, seed: int, teacher_steps:
     (``teacher_steps=None``, on the LoRA's LCM pipeline) or at ``teacher_steps`` PNDM steps (what the pairs are
     made with), both with the real score's guidance (``shipped_guidance()``) unless ``guidance`` is given:
     ``lora=None, guidance=0`` is the generator before training. ``ms_per_image`` is included."""
-    from .digits import TEACHER_DIR
-    from .digits.evaluate import digit_metrics
-    from .digits.sampling import one_step, sample_digits, teacher_pipeline
+    from sd_dmd.data.digits import TEACHER_DIR
+    from sd_dmd.evaluation.digits.evaluate import digit_metrics
+    from sd_dmd.evaluation.digits.sampling import one_step, sample_digits, teacher_pipeline
 
     t0 = time.perf_counter()
     if teacher_steps is not None:
@@ -98,7 +98,7 @@ def comparison_grid(lora: Path, path: Path, n_rows: int = 4, seed: int = 2) -> N
     """Rows in pairs: the 50-step teacher, then the one-step student on the same prompts (digits 0-9)."""
     import torch
 
-    from .digits.sampling import save_grid
+    from sd_dmd.evaluation.digits.sampling import save_grid
 
     teacher, _, _ = evaluate_lora(None, n_rows, seed, teacher_steps=50)
     student, _, _ = evaluate_lora(lora, n_rows, seed)

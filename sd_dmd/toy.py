@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .denoisers import EpsDenoiser
-from .losses import dmd_loss, fake_score_loss, make_regression_loss
-from .schedule import NoiseSchedule, sample_timesteps
+from sd_dmd.core.denoisers import EpsDenoiser
+from sd_dmd.core.losses import dmd_loss, fake_score_loss, make_regression_loss
+from sd_dmd.core.schedule import NoiseSchedule, sample_timesteps
 
 
 class MixtureDenoiser:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def shard_ranges(manifest: dict):
     """(shard number, whether its footer says it is complete: a callable of the path) for every shard expected."""
-    from . import latents, pairs
+    from sd_dmd.data import latents, pairs
 
     if manifest.get("format") == pairs.FORMAT:
         n, size = manifest["num_pairs"], manifest["shard_size"]
@@ -36,7 +36,8 @@ def verify_store(path: str | Path, log=print) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from .pairs import DIGEST_COLUMN, MANIFEST, PairsError, shard_corruption, shard_path
+    from sd_dmd.data.pairs import DIGEST_COLUMN, MANIFEST, shard_corruption, shard_path
+    from sd_dmd.errors import PairsError
 
     path = Path(path)
     try:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
                                             "completeness); exit 1 when any is bad.")
     p.add_argument("store", type=Path, help="the store directory (it holds manifest.json and shards/)")
     args = p.parse_args(argv)
-    from .cli import guarded
+    from sd_dmd.cli import guarded
 
     result = guarded(verify_store, args.store)
     return 1 if result["bad"] else 0

@@ -88,7 +88,7 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
     from pathlib import Path
 
     from sd_dmd.config import load_config
-    from sd_dmd.train_config import Config
+    from sd_dmd.training.config import Config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     cfgs = {p.stem: load_config(Config, ["--config", str(p)])[0] for p in sorted(root.glob("*.yaml"))}

@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from sd_dmd.config import load_config
-from sd_dmd.model import FAKE, GENERATOR
-from sd_dmd.train import Trainer
-from sd_dmd.train_config import Config
+from sd_dmd.models.shared_unet import FAKE, GENERATOR
+from sd_dmd.training.loop import Trainer
+from sd_dmd.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from sd_dmd.digits import CLASSIFIER_FILE, TEACHER_DIR
-from sd_dmd.digits.data import load_images
-from sd_dmd.digits.evaluate import coverage, digit_metrics, frechet_distance, load_classifier
+from sd_dmd.data.digits import CLASSIFIER_FILE, TEACHER_DIR
+from sd_dmd.data.digits import load_images
+from sd_dmd.evaluation.digits.evaluate import coverage, digit_metrics, frechet_distance, load_classifier
 
 
 def test_assets_are_shipped_and_small():

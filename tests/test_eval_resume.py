@@ -7,9 +7,9 @@ import torch
 from conftest import assert_one_line_error
 from PIL import Image
 
-from sd_dmd import evaluate as ev
-from sd_dmd.export import save_lora
-from sd_dmd.model import GENERATOR
+from sd_dmd.evaluation import evaluate as ev
+from sd_dmd.models.lora import save_lora
+from sd_dmd.models.shared_unet import GENERATOR
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_fid_weights_unavailable_fails_before_generating(setup, monkeypatch, cap
 def test_clip_tag_must_be_cached_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from sd_dmd.evaluate import EvalError, check_clip_cached
+    from sd_dmd.evaluation.evaluate import EvalError, check_clip_cached
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sd_dmd.evaluate import (EvalConfig, clip_score, evaluate, fid_between, load_clip, make_fid, read_captions,
+from sd_dmd.evaluation.evaluate import (EvalConfig, clip_score, evaluate, fid_between, load_clip, make_fid, read_captions,
                              set_reference_stats)
 
 
@@ -82,7 +82,7 @@ def test_read_coco_captions(tmp_path):
 
 
 def test_evaluate_generates_resumably(tiny_pipe_dir, tmp_path, monkeypatch):
-    import sd_dmd.evaluate as ev
+    import sd_dmd.evaluation.evaluate as ev
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # an evaluation must compute something: FID against a tiny reference, with a tiny feature extractor

@@ -3,9 +3,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-from sd_dmd import export
-from sd_dmd.export import KOHYA_FILE, export_kohya, save_lora
-from sd_dmd.model import GENERATOR
+from sd_dmd.outputs import export
+from sd_dmd.models.lora import KOHYA_FILE, export_kohya, save_lora
+from sd_dmd.models.shared_unet import GENERATOR
 
 PROMPTS = ["a red cube", "two cats on a sofa"]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sd_dmd.config import ConfigError
-from sd_dmd.schedule import NoiseSchedule
-from sd_dmd.train_config import Config
+from sd_dmd.core.schedule import NoiseSchedule
+from sd_dmd.training.config import Config
 
 ALLOWED = [[999], [999, 749, 499, 249], [999, 7]]
 REFUSED = [[999, 2], [999, 499, 0], [999, 6], [3]]
@@ -65,7 +65,7 @@ def test_one_step_conditioning_timestep_is_checked_too():
 def test_smallest_allowed_timestep_follows_lcms_scalings():
     from diffusers import LCMScheduler
 
-    from sd_dmd.schedule import lcm_x0_deviation, smallest_lcm_timestep
+    from sd_dmd.core.schedule import lcm_x0_deviation, smallest_lcm_timestep
 
     s = LCMScheduler()
     for t in (0, 1, 2, 6, 7, 249, 999):
@@ -123,7 +123,7 @@ def test_sd_like_latents_sample_as_in_the_trainer_only_where_validation_allows(t
 def test_call_kwargs_refuses_such_timesteps_for_lcmscheduler():
     from diffusers import LCMScheduler
 
-    from sd_dmd.sample import call_kwargs
+    from sd_dmd.outputs.sample import call_kwargs
 
     pipe = SimpleNamespace(scheduler=LCMScheduler())
     with pytest.raises(ConfigError, match=r"timesteps: .*\[2\].*smallest allowed timestep is 7"):
@@ -132,7 +132,7 @@ def test_call_kwargs_refuses_such_timesteps_for_lcmscheduler():
 
 
 def test_sample_cli_refuses_such_timesteps(tiny_pipe_dir, tmp_path, capsys):
-    from sd_dmd import sample
+    from sd_dmd.outputs import sample
 
     with pytest.raises(SystemExit) as e:
         sample.main(["--model", tiny_pipe_dir, "--prompt", "a cat", "--timesteps", "999", "2", "--dtype", "fp32",
@@ -145,7 +145,7 @@ def test_sample_cli_refuses_such_timesteps(tiny_pipe_dir, tmp_path, capsys):
 
 def test_evaluation_refuses_such_timesteps_too():
     from sd_dmd.config import ConfigError
-    from sd_dmd.evaluate import EvalConfig
+    from sd_dmd.evaluation.evaluate import EvalConfig
 
     cfg = EvalConfig(scheduler="lcm", timesteps=[999, 2], clip_pretrained="x")
     with pytest.raises(ConfigError, match=r"timesteps: timestep \[2\].*smallest allowed timestep is 7"):

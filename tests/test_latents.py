@@ -17,9 +17,10 @@ from conftest import assert_one_line_error
 from PIL import Image
 
 from sd_dmd import encode_images
-from sd_dmd.image_sources import BadImage, decode_image
-from sd_dmd.latents import LatentsError, LatentStore, load_vae, vae_identity
-from sd_dmd.pairs import ROW_GROUP_ROWS, pair_seed, shard_path
+from sd_dmd.data.images import BadImage, decode_image
+from sd_dmd.errors import LatentsError
+from sd_dmd.data.latents import LatentStore, load_vae, vae_identity
+from sd_dmd.data.pairs import ROW_GROUP_ROWS, pair_seed, shard_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # good images: (name, size, mode, format); the VAE of the tiny pipeline works at 16 px (latents 4x8x8)
@@ -95,7 +96,7 @@ def test_folder_with_txt_captions(folder_store, image_folder, capsys):
     latents, captions = store.batch([1, 0])
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float32 and captions == cols["caption"][1::-1]
     # 9 items in shards of 3: every shard records what it covers, also shard 1, whose 3 items were all bad
-    infos = [json.loads(pq.read_metadata(shard_path(folder_store, k)).metadata[b"sd_dmd.latents.shard"])
+    infos = [json.loads(pq.read_metadata(shard_path(folder_store, k)).metadata[b"sd_dmd.data.latents.shard"])
              for k in range(3)]
     assert [(i["first_index"], i["items"]) for i in infos] == [(0, 3), (3, 3), (6, 3)]
     assert [i["rows"] for i in infos] == [3, 0, 2] and sum(len(i["skipped"]) for i in infos) == 4
@@ -255,7 +256,7 @@ def test_bad_arguments_are_one_line_errors(tiny_pipe_dir, tmp_path, capsys):
 
 
 def test_digits_source(tmp_path, tiny_vae, capsys):
-    from sd_dmd.digits import TEACHER_DIR
+    from sd_dmd.data.digits import TEACHER_DIR
 
     _run(["--source", "digits", "--output_dir", str(tmp_path / "d"), "--batch_size", "256", "--shard_size", "512"])
     assert "store complete: 1797 latents of 1797 items" in capsys.readouterr().out

@@ -6,10 +6,10 @@ import pytest
 from conftest import assert_one_line_error
 from PIL import Image
 
-from sd_dmd import sample
-from sd_dmd.export import KOHYA_FILE, export_kohya, save_lora
-from sd_dmd.model import FAKE, GENERATOR, DMDModel, LoraSpec
-from sd_dmd.sample import LORA_FILE, resolve_lora
+from sd_dmd.outputs import sample
+from sd_dmd.models.lora import KOHYA_FILE, export_kohya, save_lora
+from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel, LoraSpec
+from sd_dmd.models.lora import LORA_FILE, resolve_lora
 
 
 def _randomize(model, name, seed, scale=0.3):

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from sd_dmd.denoisers import CFGDenoiser, EpsDenoiser
-from sd_dmd.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
+from sd_dmd.core.denoisers import CFGDenoiser, EpsDenoiser
+from sd_dmd.core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
                             make_regression_loss)
-from sd_dmd.schedule import NoiseSchedule, sample_timesteps
+from sd_dmd.core.schedule import NoiseSchedule, sample_timesteps
 
 S = NoiseSchedule.scaled_linear()
 

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from sd_dmd.export import export_fused_unet, export_kohya, load_adapter, save_lora
-from sd_dmd.losses import dmd_loss, fake_score_loss
-from sd_dmd.model import FAKE, GENERATOR, DMDModel, LoraSpec, ModelError
-from sd_dmd.sample import one_step_call_kwargs, one_step_generate, one_step_pipeline
+from sd_dmd.outputs.export import export_fused_unet
+from sd_dmd.models.lora import export_kohya, load_adapter, save_lora
+from sd_dmd.core.losses import dmd_loss, fake_score_loss
+from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel, LoraSpec
+from sd_dmd.errors import ModelError
+from sd_dmd.outputs.sample import one_step_call_kwargs, one_step_generate, one_step_pipeline
 
 PROMPTS = ["a red cube", "two cats on a sofa"]
 
@@ -181,7 +183,7 @@ def test_fused_unet_equals_adapter(tiny_model, tmp_path):
 
 
 def test_v_prediction_refused(tmp_path):
-    from sd_dmd.tiny import build_tiny_pipeline
+    from sd_dmd.models.tiny import build_tiny_pipeline
 
     path = build_tiny_pipeline(tmp_path / "v", prediction_type="v_prediction")
     with pytest.raises(ModelError, match="v-prediction"):
@@ -207,7 +209,8 @@ def test_four_step_lora_in_a_fresh_pipeline_reproduces_the_trainers_sample(tiny_
     """DMD2's few-step generator: the saved LoRA records its timesteps, and diffusers' LCMScheduler at those
     timesteps (guidance 0) gives the trainer's own 4-step sample when both draw the re-noising noise from the
     same generator (issue 16)."""
-    from sd_dmd.sample import call_kwargs, resolve_lora
+    from sd_dmd.outputs.sample import call_kwargs
+    from sd_dmd.models.lora import resolve_lora
 
     m = tiny_model
     _randomize(m, GENERATOR, scale=0.1, seed=3)
@@ -231,7 +234,7 @@ def test_four_step_lora_in_a_fresh_pipeline_reproduces_the_trainers_sample(tiny_
 
 
 def test_backward_simulation_runs_k_steps_without_grad_then_one_with(tiny_model):
-    from sd_dmd.step import backward_simulate
+    from sd_dmd.core.step import backward_simulate
 
     m = tiny_model
     _randomize(m, GENERATOR, scale=0.05, seed=4)

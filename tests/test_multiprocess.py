@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_dmd import checkpoint as ckpt
+from sd_dmd.training import state as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 from safetensors.torch import save_file
 from sd_dmd.config import load_config
-from sd_dmd.model import DMDModel, FAKE, GENERATOR
-from sd_dmd.train import Trainer, train
-from sd_dmd.train_config import Config
+from sd_dmd.models.shared_unet import DMDModel, FAKE, GENERATOR
+from sd_dmd.training.loop import Trainer, train
+from sd_dmd.training.config import Config
 
 hd, mode = Path(os.environ["HARNESS_DIR"]), os.environ["HARNESS_MODE"]
 rank = int(os.environ.get("RANK", "0"))

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from sd_dmd import encode_images, image_sources
-from sd_dmd.image_sources import BadImage, FolderSource, decode_image
-from sd_dmd.latents import SKIPPED_FILE, LatentStore
+from sd_dmd import encode_images
+
+from sd_dmd.data import images as image_sources
+from sd_dmd.data.images import BadImage, FolderSource, decode_image
+from sd_dmd.data.latents import SKIPPED_FILE, LatentStore
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = (12000, 12000)  # 144 Mpx: PIL only warns (DecompressionBombWarning) between ~89 and ~179 Mpx
@@ -146,7 +148,7 @@ def test_encode_images_skips_a_huge_header_png(tmp_path, tiny_pipe_dir, loads):
 
 PEAK = """
 import json, resource, sys
-from sd_dmd.image_sources import BadImage, decode_image
+from sd_dmd.data.images import BadImage, decode_image
 big, small = (open(p, "rb").read() for p in sys.argv[1:3])
 decode_image(small, 16)  # imports and first-use allocations before the measurement
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

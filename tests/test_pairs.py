@@ -15,8 +15,11 @@ from conftest import assert_one_line_error
 import torch
 
 import generate_pairs
-from sd_dmd.pairs import PairsError, PairsStore, pair_noise, pair_seed, teacher_identity, teacher_pipeline
-from sd_dmd.prompts import PromptError, PromptFilter, read_prompts
+from sd_dmd.errors import PairsError
+from sd_dmd.data.pairs import PairsStore, pair_noise, pair_seed, teacher_identity
+from sd_dmd.models.teacher import teacher_pipeline
+from sd_dmd.errors import PromptError
+from sd_dmd.data.prompts import PromptFilter, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "two cats on a sofa", "", None, "a blue sphere", "the number seven", "a tree"]
@@ -151,7 +154,7 @@ def test_readable_with_datasets(reference_store):
 
 
 def test_store_checks_teacher_and_resolution(reference_store, tiny_pipe_dir, tmp_path):
-    from sd_dmd.tiny import build_tiny_pipeline
+    from sd_dmd.models.tiny import build_tiny_pipeline
 
     store = PairsStore(reference_store)
     pipe = teacher_pipeline(tiny_pipe_dir, "pndm", torch.float32, "cpu")
@@ -197,7 +200,7 @@ def test_all_captions_empty(tiny_pipe_dir, tmp_path, capsys):
 
 
 def test_store_from_other_teacher_or_resolution(reference_store, prompt_file, tmp_path, capsys):
-    from sd_dmd.tiny import build_tiny_pipeline
+    from sd_dmd.models.tiny import build_tiny_pipeline
 
     before = {p.name: p.stat().st_mtime_ns for p in (reference_store / "shards").iterdir()}
     other = str(build_tiny_pipeline(tmp_path / "other", seed=1))

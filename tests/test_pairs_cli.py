@@ -10,7 +10,7 @@ import numpy as np
 from conftest import assert_one_line_error
 
 import generate_pairs
-from sd_dmd.pairs import PairsStore, prompt_order
+from sd_dmd.data.pairs import PairsStore, prompt_order
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = "a photo of a " + "very " * 90 + "long caption"  # > 77 CLIP tokens

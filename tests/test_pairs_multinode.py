@@ -14,7 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from sd_dmd.pairs import IDENTITY_KEYS
+from sd_dmd.data.pairs import IDENTITY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds for a whole launch (start-up, rendezvous, sampling); ~15 s when it works

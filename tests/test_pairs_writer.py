@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import generate_pairs
-from sd_dmd import pairs
-from sd_dmd.pairs import PairsStats, ShardWriter, noise_digest, pair_noise, pair_seed, shard_path
+from sd_dmd.data import pairs
+from sd_dmd.data.pairs import PairsStats, ShardWriter, noise_digest, pair_noise, pair_seed, shard_path
 
 
 class WordTokenizer:

@@ -9,9 +9,9 @@ from conftest import assert_one_line_error
 
 import train_text2image
 from sd_dmd.config import ConfigError, load_config
-from sd_dmd.model import FAKE, GENERATOR
-from sd_dmd.train import Trainer, train
-from sd_dmd.train_config import Config, resolve_precision
+from sd_dmd.models.shared_unet import FAKE, GENERATOR
+from sd_dmd.training.loop import Trainer, train
+from sd_dmd.training.config import Config, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_fp16_autocast_training_on_cuda(setup, tmp_path, fresh_accelerate):
 def test_nonfinite_teacher_sample_skips_every_update(setup, tmp_path, monkeypatch):
     from diffusers.training_utils import EMAModel
 
-    from sd_dmd.model import DMDModel
+    from sd_dmd.models.shared_unet import DMDModel
 
     real = DMDModel.real_denoiser
 
@@ -259,7 +259,7 @@ def test_every_optimiser_in_one_fp16_decision_gets_its_true_gradient(n_groups):
 
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from sd_dmd.train import apply_gradients
+    from sd_dmd.training.loop import apply_gradients
 
     Accelerator(mixed_precision="no")  # AcceleratedOptimizer reads accelerate's process state
     true_grads = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(n_groups)]

@@ -6,8 +6,8 @@ import pytest
 
 from sd_dmd.cli import guarded
 from sd_dmd.config import ConfigError, load_config
-from sd_dmd.preflight import PreflightError, check_paths, find_problems
-from sd_dmd.train_config import Config
+from sd_dmd.training.preflight import PreflightError, check_paths, find_problems
+from sd_dmd.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_check_paths_error_prints_one_error_line_per_problem(in_tmp, capsys):
 
 
 def test_lpips_backbone_must_be_cached_offline(tmp_path, monkeypatch):
-    from sd_dmd.preflight import lpips_backbone_problem
+    from sd_dmd.training.preflight import lpips_backbone_problem
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

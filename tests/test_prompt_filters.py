@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sd_dmd.prompts import PromptError, PromptFilter, read_prompts
+from sd_dmd.errors import PromptError
+from sd_dmd.data.prompts import PromptFilter, read_prompts
 
 CAPS = ["a red cube", "a blue sphere", "a cat", "a dog"]
 

@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import generate_pairs
-from sd_dmd import checkpoint as ckpt
+from sd_dmd.training import state as ckpt
 from sd_dmd.config import ConfigError, from_dict, load_config
-from sd_dmd.pairs import PairsStore
-from sd_dmd.prompts import PromptError, read_prompts
-from sd_dmd.train import TrainingError, train
-from sd_dmd.train_config import Config
+from sd_dmd.data.pairs import PairsStore
+from sd_dmd.errors import PromptError
+from sd_dmd.data.prompts import read_prompts
+from sd_dmd.errors import TrainingError
+from sd_dmd.training.loop import train
+from sd_dmd.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +186,7 @@ def test_sigterm_writes_checkpoint_and_exits(setup, tmp_path, sig, code):
 
 # ----- numerics -------------------------------------------------------------------------------------
 def test_nonfinite_steps_are_skipped_and_counted(setup, tmp_path, monkeypatch):
-    import sd_dmd.step as T
+    import sd_dmd.core.step as T
 
     real = T.dmd_loss
     calls = {"n": 0}
@@ -202,7 +204,7 @@ def test_nonfinite_steps_are_skipped_and_counted(setup, tmp_path, monkeypatch):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(setup, tmp_path, monkeypatch):
-    import sd_dmd.step as T
+    import sd_dmd.core.step as T
 
     real = T.dmd_loss
     calls = {"n": 0}

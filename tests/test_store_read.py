@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_dmd.pairs import PairsError, PairsStore, pair_noise, pair_seed, shard_path
+from sd_dmd.errors import PairsError
+from sd_dmd.data.pairs import PairsStore, pair_noise, pair_seed, shard_path
 from sd_dmd.tiny import synthetic_latent, write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RSS_PROBE = r'''
 import json, resource, sys
 import numpy as np, torch
-from sd_dmd.pairs import PairsStore
+from sd_dmd.data.pairs import PairsStore
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 def now_mib():

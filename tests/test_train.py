@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import train_text2image
 from sd_dmd.config import load_config
-from sd_dmd.model import FAKE, GENERATOR
-from sd_dmd.train import train
-from sd_dmd.train_config import Config
+from sd_dmd.models.shared_unet import FAKE, GENERATOR
+from sd_dmd.training.loop import train
+from sd_dmd.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,8 @@ def _adapters(trainer):
 
 
 def test_only_adapters_change_and_final_reproduces_generator(setup, tmp_path):
-    from sd_dmd.model import DMDModel
-    from sd_dmd.sample import one_step_call_kwargs, one_step_pipeline
+    from sd_dmd.models.shared_unet import DMDModel
+    from sd_dmd.outputs.sample import one_step_call_kwargs, one_step_pipeline
 
     t = train(_cfg(setup, tmp_path / "run", "--logging.validation_every", "2"))
     base = DMDModel.from_pretrained(setup["pipe"])
@@ -91,7 +91,7 @@ def test_resume_on_another_process_count_reseeds_from_seed_step_rank(setup, tmp_
     import json
     import shutil
 
-    from sd_dmd.train import resume_seed
+    from sd_dmd.training.loop import resume_seed
 
     train(_cfg(setup, tmp_path / "src", "--train.max_steps", "2"))
     runs = {}
@@ -240,9 +240,9 @@ import sys, json
 sys.path.insert(0, {str(ROOT)!r})
 from safetensors.torch import save_file
 from sd_dmd.config import load_config
-from sd_dmd.train import train
-from sd_dmd.train_config import Config
-from sd_dmd.model import GENERATOR, FAKE
+from sd_dmd.training.loop import train
+from sd_dmd.training.config import Config
+from sd_dmd.models.shared_unet import GENERATOR, FAKE
 cfg = load_config(Config, sys.argv[1:])[0]
 t = train(cfg)
 r = t.acc.process_index

@@ -38,7 +38,7 @@ def _quiet(fn, loggers=("diffusers", "transformers", "peft")):
 
 
 def test_model_loads_without_warnings(tiny_pipe_dir):
-    from sd_dmd.model import DMDModel, LoraSpec
+    from sd_dmd.models.shared_unet import DMDModel, LoraSpec
 
     for dtype in (torch.float32, torch.bfloat16):  # bf16: loaded with dtype=, not cast with .to()
         caught, logged = _quiet(lambda: DMDModel.from_pretrained(
@@ -48,7 +48,7 @@ def test_model_loads_without_warnings(tiny_pipe_dir):
 
 
 def test_lpips_builds_without_warnings():
-    from sd_dmd.losses import make_regression_loss
+    from sd_dmd.core.losses import make_regression_loss
 
     caught, _ = _quiet(lambda: make_regression_loss("lpips", pretrained_backbone=False))
     assert caught == [], caught
@@ -130,7 +130,7 @@ def test_four_step_lcm_timesteps_sample_without_the_off_grid_warning():
 
     from diffusers import LCMScheduler
 
-    from sd_dmd.sample import call_kwargs, lcm_original_steps
+    from sd_dmd.outputs.sample import call_kwargs, lcm_original_steps
 
     ts = [999, 749, 499, 249]
     assert lcm_original_steps(ts) == 4 and lcm_original_steps([999]) == 1 and lcm_original_steps([800]) is None

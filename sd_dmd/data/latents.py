@@ -39,14 +39,14 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import field
-from .pairs import (PairsError, ShardedStore, _atomic_write_bytes, corrupt_on_resume, pair_seed, shard_path,
-                    write_parquet)
+from sd_dmd.config import field
+from sd_dmd.errors import LatentsError
+from sd_dmd.data.pairs import ShardedStore, _atomic_write_bytes, corrupt_on_resume, pair_seed, shard_path, write_parquet
 
 FORMAT = "sd_dmd.latents/1"
 MANIFEST = "manifest.json"
 SKIPPED_FILE = "skipped.jsonl"
-SHARD_INFO = b"sd_dmd.latents.shard"  # parquet footer key: {"first_index", "items", "rows", "skipped"}
+SHARD_INFO = b"sd_dmd.data.latents.shard"  # parquet footer key: {"first_index", "items", "rows", "skipped"}
 SD15 = "runwayml/stable-diffusion-v1-5"
 # must agree between a store and the run that resumes it (the VAE is compared by same_vae, the source on its own)
 IDENTITY_KEYS = ("format", "resolution", "latent_shape", "latent_dtype", "scaling_factor", "shift_factor",
@@ -91,7 +91,7 @@ class EncodeConfig:
                                         "PIL's own limit (~179 Mpx)")
 
     def validate(self):
-        from .config import ConfigError
+        from sd_dmd.config import ConfigError
 
         if self.source == "digits" and self.images:
             raise ConfigError("images: --source digits reads scikit-learn's digits; drop --images")
@@ -105,10 +105,6 @@ class EncodeConfig:
                 raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-
-
-class LatentsError(PairsError):
-    """A latents store cannot be created, resumed or used; the message names the file/field."""
 
 
 # ----- the VAE ---------------------------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def shard_is_complete(path: Path, items: range) -> bool:
 
 
 def _decode_or_bad(raw, resolution: int, max_pixels: int):
-    from .image_sources import BadImage, decode_image
+    from sd_dmd.data.images import BadImage, decode_image
 
     try:
         return decode_image(raw, resolution, max_pixels)
@@ -272,7 +268,7 @@ def _decode_or_bad(raw, resolution: int, max_pixels: int):
 def make_shard(vae, source, items: range, cfg: EncodeConfig, resolution: int, pool=None, bar=None):
     """(rows, footer record) of ``items``: decoded (in ``pool``'s threads), encoded in batches of cfg.batch_size;
     bad items are recorded as [index, source name, reason] and have no row."""
-    from .image_sources import BadImage
+    from sd_dmd.data.images import BadImage
 
     rows = {"index": [], "caption": [], "source": [], "latent": []}
     skipped = []
@@ -360,7 +356,7 @@ def resolve_model(cfg: EncodeConfig) -> str:
     if cfg.pretrained_model_name_or_path:
         return cfg.pretrained_model_name_or_path
     if cfg.source == "digits":
-        from .digits import TEACHER_DIR
+        from sd_dmd.data.digits import TEACHER_DIR
 
         return str(TEACHER_DIR)
     return SD15
@@ -373,9 +369,9 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
 
     from tqdm.auto import tqdm
 
-    from .dist import partial_state
-    from .image_sources import FolderSource, open_source
-    from .model import DTYPES
+    from sd_dmd.dist import partial_state
+    from sd_dmd.data.images import FolderSource, open_source
+    from sd_dmd.models.shared_unet import DTYPES
 
     state = partial_state()
     out = Path(cfg.output_dir)

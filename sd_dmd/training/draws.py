@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .schedule import sample_timesteps
-from .step import CriticBatch, GeneratorBatch
+from sd_dmd.core.schedule import sample_timesteps
+from sd_dmd.core.step import CriticBatch, GeneratorBatch
 
 SIM_STREAM = 2  # SeedSequence([seed, step, SIM_STREAM]) picks the backward-simulation depth of a step
 

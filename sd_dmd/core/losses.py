@@ -10,8 +10,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .denoisers import Denoiser
-from .schedule import NoiseSchedule, append_dims
+from sd_dmd.core.denoisers import Denoiser
+from sd_dmd.core.schedule import NoiseSchedule, append_dims
 
 
 def _per_sample_mean(v: torch.Tensor) -> torch.Tensor:

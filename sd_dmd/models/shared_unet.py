@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
-from .denoisers import CFGDenoiser, EpsDenoiser
-from .schedule import NoiseSchedule
+from sd_dmd.core.denoisers import CFGDenoiser, EpsDenoiser
+from sd_dmd.core.schedule import NoiseSchedule
+from sd_dmd.errors import ModelError
 
 GENERATOR, FAKE = "generator", "fake"
 
@@ -30,10 +31,6 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "time_emb_proj")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelError(ValueError):
-    """The model path or its configuration cannot be used (message names the path/key)."""
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -15,8 +14,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
+from sd_dmd.run_dir import STATE_FILE, list_checkpoints
 
 
 TENSOR_REF = "__safetensors_key__"
@@ -71,18 +69,6 @@ def atomic_json(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed and holding trainer_state.json), oldest first."""
-    out = []
-    if not output_dir.is_dir():
-        return out
-    for p in output_dir.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
 
 
 def resolve_resume(output_dir: Path, resume_from: Optional[str]) -> Optional[Path]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError
+from sd_dmd.config import ConfigError
 
 
 class PreflightError(ConfigError):
@@ -100,9 +100,10 @@ def lpips_backbone_problem(net: str) -> Optional[str]:
 
 def find_problems(cfg) -> list[str]:
     """One line per missing path of a ``train_config.Config`` (empty when everything is there)."""
-    from .checkpoint import STATE_FILE
-    from .pairs import MANIFEST
-    from .prompts import PromptError, expand_sources
+    from sd_dmd.run_dir import STATE_FILE
+    from sd_dmd.data.pairs import MANIFEST
+    from sd_dmd.errors import PromptError
+    from sd_dmd.data.prompts import expand_sources
 
     problems = []
     m = cfg.model

@@ -22,22 +22,19 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .config import ConfigError, save_config
-from .export import KOHYA_FILE, export_kohya, load_adapter, save_lora
-from .model_card import write_model_card
-from .losses import make_regression_loss
-from .model import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec
-from .pairs import PairsStore, teacher_identity
-from .prompts import PromptFilter, read_prompts
-from .draws import Draws
-from .step import critic_loss, generator_loss, generator_samples, split_batch
-from .preflight import check_paths
-from .train_config import Config, resolve_precision, resume_conflicts
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (message says why and what was kept)."""
+from sd_dmd.config import ConfigError, save_config
+from sd_dmd.core.losses import make_regression_loss
+from sd_dmd.core.step import critic_loss, generator_loss, generator_samples, split_batch
+from sd_dmd.data.pairs import PairsStore, teacher_identity
+from sd_dmd.data.prompts import PromptFilter, read_prompts
+from sd_dmd.errors import TrainingError
+from sd_dmd.models.lora import KOHYA_FILE, export_kohya, load_adapter, save_lora
+from sd_dmd.models.shared_unet import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec
+from sd_dmd.outputs.model_card import write_model_card
+from sd_dmd.training import state as ckpt
+from sd_dmd.training.config import Config, resolve_precision, resume_conflicts
+from sd_dmd.training.draws import Draws
+from sd_dmd.training.preflight import check_paths
 
 
 def _make_optimizer(params, lr: float, o) -> torch.optim.Optimizer:
@@ -179,7 +176,7 @@ class Trainer:
         m.generator_timesteps = list(cfg.dmd.generator_timesteps)
         self.real_store = None
         if cfg.gan.real_latents:  # DMD2's GAN: real latents, and a head on the fake score's bottleneck
-            from .latents import LatentStore, vae_identity
+            from sd_dmd.data.latents import LatentStore, vae_identity
 
             self.real_store = LatentStore(cfg.gan.real_latents)
             self.real_store.check_compatible(vae_identity(m.vae), cfg.model.resolution)
@@ -446,7 +443,7 @@ class Trainer:
             return None
         from PIL import Image
 
-        from .sample import image_grid
+        from sd_dmd.outputs.sample import image_grid
 
         lg = self.cfg.logging
         m = self.model

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
+from sd_dmd.core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 
 
 def split_batch(value, n: int) -> list:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_images, random_captions
-from .evaluate import DigitClassifier, augment
+from sd_dmd.data.digits import load_images, random_captions
+from sd_dmd.evaluation.digits.evaluate import DigitClassifier, augment
 
 
 def build_vae():
@@ -87,7 +87,7 @@ def train_unet(images, labels, vae, tokenizer, steps: int, batch: int = 64, seed
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = _cosine(opt, steps)
     ema = EMAModel(params, decay=0.999)
-    from ..schedule import NoiseSchedule
+    from sd_dmd.core.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.scaled_linear()
     sf = vae.config.scaling_factor
@@ -140,8 +140,8 @@ def main(argv=None):
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
 
-    from ..tiny import write_clip_tokenizer
-    from . import ASSETS
+    from sd_dmd.models.tiny import write_clip_tokenizer
+    from sd_dmd.data.digits import ASSETS
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=ASSETS)

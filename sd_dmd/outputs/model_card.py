@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .export import KOHYA_FILE
-from .sample import lcm_original_steps
-from .train_config import Config
+from sd_dmd.models.lora import KOHYA_FILE
+from sd_dmd.outputs.sample import lcm_original_steps
+
+if TYPE_CHECKING:  # the card reads a training run's config; outputs sit below training
+    from sd_dmd.training.config import Config
 
 
 def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool) -> None:

@@ -1,9 +1,15 @@
 """scikit-learn's bundled digits (1,797 8x8 images) as 32x32 RGB images with templated captions."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TEACHER_DIR = ASSETS / "digits_teacher"  # the shipped digits teacher: a diffusers StableDiffusionPipeline
+CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"  # the digits instrument's classifier
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten digit {w}", "the number {k}", "a picture of the digit {w}", "handwritten {k}",

@@ -5,9 +5,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .config import ConfigError, field
-from .schedule import lcm_timesteps_error
-from .model import DEFAULT_LORA_TARGETS
+from sd_dmd.config import ConfigError, field
+from sd_dmd.core.schedule import lcm_timesteps_error
+from sd_dmd.models.shared_unet import DEFAULT_LORA_TARGETS
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedule import NoiseSchedule
+from sd_dmd.core.schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 

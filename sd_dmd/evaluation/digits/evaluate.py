@@ -45,7 +45,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> 
 def load_classifier(path=None) -> DigitClassifier:
     from safetensors.torch import load_file
 
-    from . import CLASSIFIER_FILE
+    from sd_dmd.data.digits import CLASSIFIER_FILE
 
     clf = DigitClassifier()
     clf.load_state_dict(load_file(str(path or CLASSIFIER_FILE)))
@@ -80,7 +80,7 @@ def coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> float:
 @torch.no_grad()
 def digit_metrics(images: torch.Tensor, labels: torch.Tensor, clf: DigitClassifier | None = None) -> dict:
     """``images`` [N, 3, 32, 32] in [-1, 1] generated for class ``labels``; compared with the real digits."""
-    from .data import load_images
+    from sd_dmd.data.digits import load_images
 
     clf = clf or load_classifier()
     real, real_labels = load_images()

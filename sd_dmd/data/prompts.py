@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sd_dmd.errors import PromptError
+
 CAPTION_COLUMNS = ("TEXT", "caption", "text", "prompt")
 SUFFIXES = (".parquet", ".txt", ".jsonl")
 # filter -> accepted column spellings, lower case, preferred first (LAION-Aesthetics: AESTHETIC_SCORE,
@@ -26,10 +28,6 @@ FILTER_COLUMNS = {"min_aesthetic": ("aesthetic_score", "aesthetic"), "max_punsaf
                   "max_pwatermark": ("pwatermark",)}
 ZERO_WIDTH = "\u200b\u200c\u200d\ufeff\u2060"  # ZW space, ZW non-joiner, ZW joiner, BOM, word joiner
 _EDGES = re.compile(f"^[\\s{ZERO_WIDTH}]+|[\\s{ZERO_WIDTH}]+$")
-
-
-class PromptError(ValueError):
-    """Bad prompt input; the message names the file (and row/column where it applies)."""
 
 
 @dataclass

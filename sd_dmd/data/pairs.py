@@ -20,17 +20,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Literal
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +44,9 @@ DEFAULTS = {"shuffle_prompts": False}  # what a manifest written before the key 
 SHUFFLE_STREAM = 1  # SeedSequence([base_seed, SHUFFLE_STREAM]) seeds the prompt order
 
 
-from .config import field
+from sd_dmd.config import field
+from sd_dmd.errors import PairsError
+from sd_dmd.models.teacher import count_truncated, quiet_truncation_warning, teacher_latents, teacher_pipeline
 
 
 @dataclass
@@ -77,7 +76,7 @@ class PairsConfig:
                                          "manifest, so a resume keeps it) instead of file order")
 
     def validate(self):
-        from .config import ConfigError
+        from sd_dmd.config import ConfigError
 
         if not self.prompts:
             raise ConfigError("prompts: at least one prompt file is required (--prompts FILE)")
@@ -90,10 +89,6 @@ class PairsConfig:
                 raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if self.num_pairs < 0:
             raise ConfigError(f"num_pairs: must be >= 0, got {self.num_pairs}")
-
-
-class PairsError(ValueError):
-    """A pairs store cannot be created, extended or used; the message names the file/field."""
 
 
 def pair_seed(base_seed: int, index: int) -> int:
@@ -535,69 +530,6 @@ def prompt_order(base_seed: int, n: int) -> np.ndarray:
     return np.random.RandomState(state).permutation(n)
 
 
-def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revision=None, variant=None):
-    """The plain diffusers pipeline used as the 50-step teacher (PNDM as in the paper, or DDIM)."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
-
-    from .model import check_eps_prediction, check_model_dir
-
-    check_model_dir(path)
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
-                                                   safety_checker=None, requires_safety_checker=False)
-    check_eps_prediction(pipe.scheduler.config, path)
-    if scheduler == "pndm":
-        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
-    elif scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    else:
-        raise PairsError(f"unknown scheduler '{scheduler}' (pndm or ddim)")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-@torch.no_grad()
-def teacher_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
-                    resolution: int) -> torch.Tensor:
-    """The teacher's final latents from the given noise: exactly ``pipe(..., output_type="latent")``."""
-    return pipe(prompts, latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=steps,
-                guidance_scale=guidance, height=resolution, width=resolution, output_type="latent").images
-
-
-@contextmanager
-def quiet_truncation_warning(pipe):
-    """Drop diffusers' per-call "The following part of your input was truncated ..." warning (it prints the whole
-    cut-off text, KBs of <|endoftext|> per long LAION caption) and transformers' "Token indices sequence length is
-    longer ... will result in indexing errors" (false here: the pipeline truncates); truncations are counted in the
-    summary instead. Only these two messages, from these two loggers, while pairs are generated."""
-
-    class _Drop(logging.Filter):
-        def __init__(self, prefix):
-            super().__init__()
-            self.prefix = prefix
-
-        def filter(self, record):
-            return not str(record.msg).startswith(self.prefix)
-
-    from transformers import PreTrainedTokenizerBase  # its module's logger warns about long sequences
-
-    drops = [(logging.getLogger(type(pipe).__module__), _Drop("The following part of your input was truncated")),
-             (logging.getLogger(PreTrainedTokenizerBase.__module__),
-              _Drop("Token indices sequence length is longer than the specified maximum"))]
-    for logger, drop in drops:
-        logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        for logger, drop in drops:
-            logger.removeFilter(drop)
-
-
-def count_truncated(tokenizer, prompts: list[str]) -> int:
-    """Prompts longer than the text encoder's context (77 tokens with BOS/EOS), which SD truncates."""
-    n = tokenizer.model_max_length
-    return sum(len(ids) > n for ids in tokenizer(prompts, truncation=True, max_length=n + 1).input_ids)
-
-
 class ShardWriter:
     """The per-pair extras off the sampling path: one background thread takes each sampled batch (fp16 latents, fp32
     noise, prompts, seeds) and does the noise digests, the >77-token count, the shard's assembly, the parquet encode
@@ -752,11 +684,11 @@ def store_report(out: Path, num_pairs: int, shard_size: int) -> str:
 def generate_pairs(cfg, log=print) -> PairsStats:
     """Create, complete or extend the store described by ``cfg`` (see ``generate_pairs.py``); returns the counts
     of all processes."""
-    from .dist import partial_state
+    from sd_dmd.dist import partial_state
     from tqdm.auto import tqdm
 
-    from .model import DTYPES
-    from .prompts import PromptFilter, expand_sources, read_prompts
+    from sd_dmd.models.shared_unet import DTYPES
+    from sd_dmd.data.prompts import PromptFilter, expand_sources, read_prompts
 
     state = partial_state()
     out = Path(cfg.output_dir)

@@ -31,9 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .pairs import PairsError
-from .prompts import CAPTION_COLUMNS as PROMPT_CAPTION_COLUMNS
-from .prompts import clean_caption
+from sd_dmd.errors import SourceError
+from sd_dmd.data.prompts import CAPTION_COLUMNS as PROMPT_CAPTION_COLUMNS
+from sd_dmd.data.prompts import clean_caption
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # auto-detected columns, preferred first: LAION metadata (TEXT), img2dataset (jpg/txt), HF image datasets (image/text)
@@ -45,10 +45,6 @@ DIGITS_CAPTION_SEED = 0  # the template of digit image i: default_rng(DIGITS_CAP
 MAX_PIXELS = 64_000_000  # default pixel limit of decode_image (EncodeConfig.max_pixels)
 MAX_FILE_BYTES = 512 << 20  # 64 Mpx x 8 bytes (16-bit RGBA, uncompressed): no image within MAX_PIXELS needs more
 _OPEN_LOCK = threading.Lock()  # guards PIL's global Image.MAX_IMAGE_PIXELS while _open_image turns its check off
-
-
-class SourceError(PairsError):
-    """A source cannot be listed (no such path, no images, a missing column); the message names the file."""
 
 
 class BadImage(Exception):
@@ -348,7 +344,7 @@ class DigitsSource(ImageSource):
     kind = "digits"
 
     def __init__(self):
-        from .digits.data import TEMPLATES, WORDS, load_images
+        from sd_dmd.data.digits import TEMPLATES, WORDS, load_images
 
         self.images, labels = load_images()
         pick = np.random.default_rng(DIGITS_CAPTION_SEED).integers(len(TEMPLATES), size=len(labels))
@@ -407,7 +403,7 @@ def decode_image(data, resolution: int, max_pixels: int = MAX_PIXELS) -> torch.T
     large: W×H ...' for an image of more than ``max_pixels`` pixels (<= 0: PIL's own limit only), before decoding."""
     from PIL import ImageOps
 
-    from .evaluate import lanczos
+
 
     if isinstance(data, BadImage):
         raise data
@@ -459,3 +455,25 @@ def open_source(kind: str, images: Optional[str], captions: Optional[str] = None
     if kind == "dataset":
         return DatasetSource(images, split, image_column, caption_column)
     raise SourceError(f"source: unknown kind '{kind}'")
+
+
+# ----- shared image helpers (evaluation resizes with the same Lanczos) -----
+def lanczos(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.convert("RGB").resize((size, size), Image.LANCZOS)
+
+
+def load_images(folder: Path, size: int, limit: Optional[int] = None) -> torch.Tensor:
+    """uint8 [N, 3, size, size] (centre crop + Lanczos), sorted by file name."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXT and ".tmp" not in p.name)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images")
+    files = files[:limit] if limit else files
+    arr = [np.asarray(lanczos(Image.open(f), size)) for f in files]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()

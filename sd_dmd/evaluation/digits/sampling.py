@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from ..sample import fit_lcm_grid
-from .data import RESOLUTION, prompt_for
+from sd_dmd.outputs.sample import fit_lcm_grid
+from sd_dmd.data.digits import RESOLUTION, prompt_for
 
 
 def _generators(n: int, seed: int) -> list[torch.Generator]:
@@ -35,13 +35,13 @@ def sample_digits(pipe, n_per_class: int, seed: int, steps: int, guidance: float
 
 
 def teacher_pipeline(model_dir: str, scheduler: str = "pndm"):
-    from ..pairs import teacher_pipeline as tp
+    from sd_dmd.models.teacher import teacher_pipeline as tp
 
     return tp(str(model_dir), scheduler, torch.float32, "cpu")
 
 
 def one_step(model_dir: str, lora: Optional[str]):
-    from ..sample import one_step_pipeline
+    from sd_dmd.outputs.sample import one_step_pipeline
 
     return one_step_pipeline(str(model_dir), lora)
 

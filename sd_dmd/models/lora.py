@@ -1,0 +1,158 @@
+"""LoRA files: the generator (or fake) adapter as diffusers loads it (``pytorch_lora_weights.safetensors`` with its
+metadata, and ``sd_dmd_sampling.json`` beside it), the kohya/A1111/ComfyUI form, and finding one in a run directory.
+
+DESIGN.md: ``get_peft_model_state_dict(unet, adapter_name=...)`` ->
+``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=sd, unet_lora_adapter_metadata=...)``.
+Without the metadata a LoRA with alpha != r reloads at the wrong scale.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sd_dmd.models.shared_unet import GENERATOR, DMDModel
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as save_lora_weights writes it
+
+
+class LoraPathError(FileNotFoundError):
+    """``--lora`` names no LoRA layout this package writes; the message says what was found there."""
+
+
+@dataclass
+class LoraSource:
+    """Where a LoRA's weights are and how they were found."""
+
+    ref: str  # the weights file, or a hub id (loaded as diffusers resolves it)
+    form: str  # which layout ``--lora`` named, e.g. "checkpoint directory: its generator/"
+
+    @property
+    def file(self) -> Optional[Path]:
+        p = Path(self.ref)
+        return p if p.is_file() else None
+
+    def load_into(self, pipe) -> None:
+        """``pipe.load_lora_weights`` with the adapter metadata (rank, alpha) saved with the weights."""
+        if self.file is None:
+            pipe.load_lora_weights(self.ref)
+        else:
+            pipe.load_lora_weights(str(self.file.parent), weight_name=self.file.name)
+
+    def __str__(self) -> str:
+        return f"{self.ref} ({self.form})"
+
+    @property
+    def timesteps(self) -> Optional[list[int]]:
+        """The sampling timesteps training recorded beside the weights (``sd_dmd_sampling.json``), if any."""
+        import json
+
+
+
+        f = self.file
+        if f is None or not (f.parent / SAMPLING_FILE).is_file():
+            return None
+        return [int(t) for t in json.loads((f.parent / SAMPLING_FILE).read_text())["timesteps"]]
+
+
+def _is_kohya(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("lora_unet_") for k in f.keys())
+
+
+def resolve_lora(path: str | Path) -> LoraSource:
+    """The weights file behind ``path``: a run directory (``final/``), a ``final/`` (or any diffusers LoRA)
+    directory, a ``checkpoint-N/`` directory (``generator/``), a ``.safetensors`` file, or a hub id."""
+    from sd_dmd.run_dir import list_checkpoints
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise LoraPathError(f"{path}: not a .safetensors LoRA file")
+        return LoraSource(str(p), "kohya-format file" if _is_kohya(p) else "diffusers-format file")
+    if p.is_dir():
+        for sub, form in (("", "LoRA directory"), ("generator", "checkpoint directory: its generator/"),
+                          ("final", "run directory: its final/")):
+            if (p / sub / LORA_FILE).is_file():
+                return LoraSource(str(p / sub / LORA_FILE), form)
+        ckpts = [c.name for _, c in list_checkpoints(p)]
+        hint = (f"; the run has no final/ yet, pass one of its checkpoints: {', '.join(ckpts)}" if ckpts else
+                "; expected a run directory, its final/, a checkpoint-N/ or a .safetensors file")
+        raise LoraPathError(f"{path}: no {LORA_FILE} here, in generator/ or in final/{hint}")
+    if str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise LoraPathError(f"{path}: no such LoRA file or directory")
+    return LoraSource(str(path), "hub id")
+
+
+KOHYA_FILE = "lora_kohya.safetensors"
+
+
+def adapter_state_dict(model: DMDModel, name: str) -> dict[str, torch.Tensor]:
+    """PEFT state dict of one adapter, keys without the adapter name (as diffusers saves them)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(model.unet, adapter_name=name).items()}
+
+
+SAMPLING_FILE = "sd_dmd_sampling.json"  # beside a generator LoRA: its sampler, timesteps and guidance
+
+
+def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Path:
+    """Diffusers-format LoRA (``pytorch_lora_weights.safetensors`` + adapter metadata)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=adapter_state_dict(model, name),
+        unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict(), safe_serialization=True)
+    if name == GENERATOR:  # how to sample it: python -m sd_dmd.sample and the evaluator read this
+        (out / SAMPLING_FILE).write_text(json.dumps(
+            {"scheduler": "LCMScheduler", "timesteps": list(model.generator_timesteps), "guidance_scale": 0.0}) + "\n")
+    return out
+
+
+def load_adapter(model: DMDModel, name: str, lora_dir: str | Path) -> None:
+    """Load a LoRA saved by :func:`save_lora` back into adapter ``name`` (used when resuming)."""
+    from peft import set_peft_model_state_dict
+
+    sd = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+    sd = {k.removeprefix("unet."): v for k, v in sd.items()}
+    result = set_peft_model_state_dict(model.unet, sd, adapter_name=name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{lora_dir}: LoRA does not match adapter '{name}' "
+                         f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
+    for p in model.adapter_parameters(name):
+        p.data = p.data.float()
+
+
+def export_kohya(model: DMDModel, path: str | Path, name: str = GENERATOR) -> Path:
+    """kohya-ss keys (``lora_unet_*.lora_down/lora_up.weight``, ``.alpha``) for A1111/ComfyUI.
+
+    diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank; we write the adapter's real alpha.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    sd = {f"unet.{k}": v for k, v in adapter_state_dict(model, name).items()}
+    kohya = convert_state_dict_to_kohya(sd)
+    alpha = float(model.unet.peft_config[name].lora_alpha)
+    for k in kohya:
+        if k.endswith(".alpha"):
+            kohya[k] = torch.tensor(alpha)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora",
+                                         "ss_network_dim": str(model.unet.peft_config[name].r),
+                                         "ss_network_alpha": str(alpha)})
+    tmp.replace(path)
+    return path

@@ -1,0 +1,72 @@
+"""The teacher as a plain diffusers pipeline: the 50-step sampler of the regression pairs and of evaluation."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from sd_dmd.errors import PairsError
+
+
+def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revision=None, variant=None):
+    """The plain diffusers pipeline used as the 50-step teacher (PNDM as in the paper, or DDIM)."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    from sd_dmd.models.shared_unet import check_eps_prediction, check_model_dir
+
+    check_model_dir(path)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
+                                                   safety_checker=None, requires_safety_checker=False)
+    check_eps_prediction(pipe.scheduler.config, path)
+    if scheduler == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    elif scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    else:
+        raise PairsError(f"unknown scheduler '{scheduler}' (pndm or ddim)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def teacher_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
+                    resolution: int) -> torch.Tensor:
+    """The teacher's final latents from the given noise: exactly ``pipe(..., output_type="latent")``."""
+    return pipe(prompts, latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=steps,
+                guidance_scale=guidance, height=resolution, width=resolution, output_type="latent").images
+
+
+@contextmanager
+def quiet_truncation_warning(pipe):
+    """Drop diffusers' per-call "The following part of your input was truncated ..." warning (it prints the whole
+    cut-off text, KBs of <|endoftext|> per long LAION caption) and transformers' "Token indices sequence length is
+    longer ... will result in indexing errors" (false here: the pipeline truncates); truncations are counted in the
+    summary instead. Only these two messages, from these two loggers, while pairs are generated."""
+
+    class _Drop(logging.Filter):
+        def __init__(self, prefix):
+            super().__init__()
+            self.prefix = prefix
+
+        def filter(self, record):
+            return not str(record.msg).startswith(self.prefix)
+
+    from transformers import PreTrainedTokenizerBase  # its module's logger warns about long sequences
+
+    drops = [(logging.getLogger(type(pipe).__module__), _Drop("The following part of your input was truncated")),
+             (logging.getLogger(PreTrainedTokenizerBase.__module__),
+              _Drop("Token indices sequence length is longer than the specified maximum"))]
+    for logger, drop in drops:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in drops:
+            logger.removeFilter(drop)
+
+
+def count_truncated(tokenizer, prompts: list[str]) -> int:
+    """Prompts longer than the text encoder's context (77 tokens with BOS/EOS), which SD truncates."""
+    n = tokenizer.model_max_length
+    return sum(len(ids) > n for ids in tokenizer(prompts, truncation=True, max_length=n + 1).input_ids)

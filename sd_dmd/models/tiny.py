@@ -1,0 +1,109 @@
+"""Stand-in Stable Diffusion pipelines built from configs, offline (no weights downloaded): the tiny random pipeline
+of the tests and ``configs/tiny.yaml``, an SD1.5-shaped one for benchmarks, and the CLIP tokenizer from open_clip's
+bundled vocabulary (DESIGN.md, "Offline facts")."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2/CLIP byte-to-unicode table (as open_clip.tokenizer.bytes_to_unicode)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(out_dir: str | Path) -> Path:
+    """Write vocab.json + merges.txt of OpenAI CLIP's tokenizer (49408 tokens) from open_clip's copy."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_channels=(32, 64), text_dim: int = 32,
+                        text_layers: int = 2, vae_channels=(32, 64), prediction_type: str = "epsilon", seed: int = 0):
+    """Build and save a small random ``StableDiffusionPipeline`` (latent 4 x sample_size^2).
+
+    Image resolution = sample_size * 2 ** (len(vae_channels) - 1).
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    n = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    m = len(vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
+                        down_block_types=("DownEncoderBlock2D",) * m, up_block_types=("UpDecoderBlock2D",) * m,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2 ** (m - 1))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers, num_attention_heads=4,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tok_dir = write_clip_tokenizer(out / "_tok")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    # SD v1.5's own scheduler config
+    scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              num_train_timesteps=1000, prediction_type=prediction_type, skip_prk_steps=True,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out
+
+
+def build_sd15_shaped_pipeline(out: str | Path) -> Path:
+    """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.5's
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=512)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                      hidden_act="quick_gelu", projection_dim=768))
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                        set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(out / "_tok")
+    return out

@@ -1,0 +1,122 @@
+"""Saving the adapters: diffusers LoRA format (with metadata), kohya/A1111/ComfyUI format, fused UNet.
+
+DESIGN.md: ``get_peft_model_state_dict(unet, adapter_name=...)`` ->
+``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=sd, unet_lora_adapter_metadata=...)``.
+Without the metadata a LoRA with alpha != r reloads at the wrong scale.
+
+From the command line, a trained LoRA merged into a plain ``UNet2DConditionModel`` (rank and alpha are read
+from the LoRA itself: its adapter metadata, or the kohya ``.alpha`` keys):
+
+    python -m sd_dmd.export --model PATH_OR_ID --lora runs/x/final --out fused_unet/ [--dtype fp16]
+    # then: StableDiffusionPipeline.from_pretrained(PATH_OR_ID, unet=UNet2DConditionModel.from_pretrained("fused_unet"))
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from sd_dmd.models.lora import KOHYA_FILE, SAMPLING_FILE, export_kohya, save_lora
+from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel
+
+
+def export_fused_unet(model: DMDModel, out_dir: str | Path, name: str = GENERATOR,
+                      dtype: torch.dtype | None = None) -> Path:
+    """A plain ``UNet2DConditionModel`` with the generator LoRA merged in (``save_pretrained``)."""
+    unet = copy.deepcopy(model.unet).float()
+    others = [a for a in unet.peft_config if a != name]
+    if others:
+        unet.delete_adapters(others)
+    unet.enable_adapters()
+    unet.set_adapter(name)
+    unet.fuse_lora(adapter_names=[name])
+    unet.unload_lora()
+    if dtype is not None:
+        unet.to(dtype)
+    unet.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def save_all(model: DMDModel, out_dir: str | Path) -> None:
+    """Generator LoRA (diffusers + kohya) at ``out_dir``, the fake LoRA under ``out_dir/fake``."""
+    out = Path(out_dir)
+    save_lora(model, out, GENERATOR)
+    export_kohya(model, out / KOHYA_FILE, GENERATOR)
+    save_lora(model, out / "fake", FAKE)
+
+
+def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtype | None = None,
+                        revision: str | None = None, variant: str | None = None) -> dict:
+    """Load ``model``'s UNet, load ``lora`` (any :func:`sd_dmd.sample.resolve_lora` form) with the rank/alpha saved
+    with it, merge it and ``save_pretrained`` a plain UNet at ``out_dir`` (written to ``out_dir.tmp``, then renamed).
+    Returns what was fused: source, rank, alpha and where they came from."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from sd_dmd.errors import ModelError
+    from sd_dmd.models.shared_unet import check_model_dir
+    from sd_dmd.models.lora import LoraSource, resolve_lora
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
+    src = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
+    check_model_dir(model)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant).float()
+    where = dict(weight_name=src.file.name) if src.file else {}
+    sd, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(src.file.parent) if src.file else src.ref, return_lora_metadata=True, **where)
+    try:  # as StableDiffusionPipeline.load_lora_weights, for the UNet alone
+        StableDiffusionPipeline.load_lora_into_unet(sd, network_alphas, unet, adapter_name=GENERATOR,
+                                                    metadata=metadata)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"{src}: does not fit the UNet of {model} ({type(e).__name__}: {str(e)[:200]})") from None
+    if GENERATOR not in getattr(unet, "peft_config", {}):
+        raise ModelError(f"{src}: holds no UNet LoRA weights")
+    cfg = unet.peft_config[GENERATOR]
+    info = {"lora": str(src), "rank": cfg.r, "alpha": cfg.lora_alpha,
+            "rank_alpha_from": "adapter metadata" if metadata else "kohya .alpha keys" if network_alphas else
+            "weight shapes only (no metadata: alpha assumed = rank)"}
+    unet.fuse_lora(adapter_names=[GENERATOR])
+    unet.unload_lora()
+    if dtype is not None:
+        unet.to(dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp, safe_serialization=True)
+    info["timesteps"] = src.timesteps or [999]
+    (tmp / SAMPLING_FILE).write_text(json.dumps({"scheduler": "LCMScheduler", "timesteps": info["timesteps"],
+                                                 "guidance_scale": 0.0}) + "\n")  # how to sample the fused UNet
+    tmp.replace(out)
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Merge a trained LoRA into the base UNet and save a plain "
+                                            "UNet2DConditionModel.")
+    p.add_argument("--model", required=True, help="diffusers SD pipeline path or hub id (the base the LoRA trained on)")
+    p.add_argument("--lora", required=True, help="run directory (final/), final/, checkpoint-N/ (generator/) or a "
+                   "LoRA .safetensors file (diffusers or kohya keys)")
+    p.add_argument("--out", required=True, type=Path, help="output directory for the fused UNet (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the saved weights "
+                   "(the merge itself runs in fp32)")
+    p.add_argument("--revision", default=None, help="hub revision of the base model")
+    p.add_argument("--variant", default=None, help="weight variant of the base model, e.g. fp16")
+    args = p.parse_args(argv)
+    from sd_dmd.cli import fail, guarded
+    from sd_dmd.models.shared_unet import DTYPES
+
+    if args.out.exists():
+        fail(f"{args.out}: already exists; remove it or choose another --out")
+    info = guarded(fuse_lora_into_unet, args.model, args.lora, args.out, DTYPES[args.dtype], args.revision,
+                   args.variant)
+    print(f"fused LoRA {info['lora']} (rank {info['rank']}, alpha {info['alpha']}, from its "
+          f"{info['rank_alpha_from']}) into {args.model}/unet -> {args.out} ({args.dtype}); sample it with "
+          f"LCMScheduler, timesteps={info['timesteps']}, guidance_scale=0")
+
+
+if __name__ == "__main__":
+    main()
