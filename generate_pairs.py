@@ -13,7 +13,8 @@ See sd_dmd/pairs.py for the store format.
 import sys
 
 from sd_dmd.cli import guarded, run_cli
-from sd_dmd.data.pairs import PairsConfig, generate_pairs
+from sd_dmd.data.config import PairsConfig
+from sd_dmd.data.pairs import generate_pairs
 
 
 def main(argv=None):

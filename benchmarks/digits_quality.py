@@ -49,7 +49,7 @@ class Row:
     resume: Row | None = None  # a second stage: resumes this row's finished run (a new output_dir, no --overwrite)
     resume_step: int | None = None  # ... from its checkpoint at this step
     table2: bool = False  # an ablation of the paper's Table 2: the targets check "shipped < this row"
-    one_step: Row | None = None  # a 4-step row: "4 steps beat 1" compares it with this 1-step row
+    one_step_twin: Row | None = None  # a 4-step row: "4 steps beat 1" compares it with this 1-step row
     gan_control: Row | None = None  # the same training without the GAN: "the GAN's own share" compares them
 
 
@@ -69,7 +69,7 @@ ROWS = [
     # DMD2 (issue 16): their own configs; the GAN rows train against the 1,797 real digits (sd_dmd.encode_images)
     Row("DMD2 (TTUR 2, no regression)", config="digits_dmd2"),
     (_gan := Row("DMD2 + GAN", config="digits_dmd2_gan")),
-    Row("DMD2 + GAN, 4 steps", config="digits_dmd2_4step", one_step=_gan),
+    Row("DMD2 + GAN, 4 steps", config="digits_dmd2_4step", one_step_twin=_gan),
     Row("DMD + GAN (with regression)", ("--gan.real_latents", "REAL")),
     # DMD2's SD1.5 weights balance a per-sample GAN loss against per-element DM/fake losses over 4x64x64 latents;
     # over the digits' 4x8x8 the same weights are 64x weaker relative to them: this row scales both by 64
@@ -86,9 +86,9 @@ ROWS = [
     (_x64_stage2 := Row("DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
                         "digits_dmd2_gan", resume=_x64_1200, resume_step=1200)),
     # 4 steps by backward simulation with the 1-step x64 rows' weights, length and second stage: "4 steps beat 1"
-    (_x64_4 := Row("DMD2 + GAN x64, 4 steps, 1200 steps", _X64 + _1200, "digits_dmd2_4step", one_step=_x64_1200)),
+    (_x64_4 := Row("DMD2 + GAN x64, 4 steps, 1200 steps", _X64 + _1200, "digits_dmd2_4step", one_step_twin=_x64_1200)),
     Row("DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
-        "digits_dmd2_4step", resume=_x64_4, resume_step=1200, one_step=_x64_stage2),
+        "digits_dmd2_4step", resume=_x64_4, resume_step=1200, one_step_twin=_x64_stage2),
 ]
 ROW = {r.name: r for r in ROWS}  # name -> row: --variants and every table look rows up by name
 assert len(ROW) == len(ROWS), "two rows share a name"
@@ -101,7 +101,7 @@ def run_dir(out: Path, name: str) -> Path:
 
 def lora_timesteps(lora) -> list[int]:
     """The sampling timesteps training recorded beside a generator LoRA ([999] for one step, or no LoRA)."""
-    from sd_dmd.sample import resolve_lora
+    from sd_dmd.models.lora import resolve_lora
 
     return (resolve_lora(str(lora)).timesteps if lora is not None else None) or [999]
 
@@ -109,7 +109,7 @@ def lora_timesteps(lora) -> list[int]:
 def checkpoint_curve(run: Path, measure_one) -> list[dict]:
     """digits metrics of every checkpoint's generator LoRA (its EMA when the run keeps one: what final/ gets;
     one seed), in step order."""
-    from sd_dmd.checkpoint import list_checkpoints
+    from sd_dmd.run_dir import list_checkpoints
 
     return [{"step": step, **measure_one(path / "generator_ema" if (path / "generator_ema").exists()
                                           else path / "generator")} for step, path in list_checkpoints(run)]
@@ -118,7 +118,7 @@ def checkpoint_curve(run: Path, measure_one) -> list[dict]:
 def finished_with_same_config(run: Path, argv: list[str]) -> bool:
     """``run`` holds a finished training whose saved config equals what ``argv`` resolves to (output_dir aside)."""
     from sd_dmd.config import load_config, to_dict
-    from sd_dmd.train_config import Config
+    from sd_dmd.training.config import Config
 
     if not ((run / "final" / "pytorch_lora_weights.safetensors").exists() and seconds_file(run).exists()
             and (run / "config.yaml").exists()):
@@ -189,9 +189,9 @@ def main():
     import train_text2image
 
     from sd_dmd.demo import make_inputs
-    from sd_dmd.digits import TEACHER_DIR
-    from sd_dmd.digits.evaluate import digit_metrics, load_classifier
-    from sd_dmd.digits.sampling import one_step, sample_digits, save_grid, teacher_pipeline
+    from sd_dmd.data.digits import TEACHER_DIR
+    from sd_dmd.evaluation.digits.evaluate import digit_metrics, load_classifier
+    from sd_dmd.evaluation.digits.sampling import one_step, sample_digits, save_grid, teacher_pipeline
 
     t0 = time.time()
     clf = load_classifier()
@@ -415,7 +415,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
             lines.append(f"- {n}: digits-FID {rows[n]['digits_fid'][0]:.1f} vs the 50-step teacher's "
                          f"{teacher['digits_fid'][0]:.1f}: student beats its teacher: "
                          f"{rows[n]['digits_fid'][0] < teacher['digits_fid'][0]}")
-        for four, one_gan in [(r.name, r.one_step.name) for r in ROWS if r.one_step is not None]:
+        for four, one_gan in [(r.name, r.one_step_twin.name) for r in ROWS if r.one_step_twin is not None]:
             if four in rows and one_gan in rows:
                 lines.append(f"- 4 steps beat 1 step ('{four}' vs '{one_gan}'): "
                              f"{rows[four]['digits_fid'][0] < rows[one_gan]['digits_fid'][0]} "

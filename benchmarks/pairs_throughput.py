@@ -29,7 +29,8 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from sd_dmd.data.pairs import PairsConfig, generate_pairs, pair_noise, pair_seed
+    from sd_dmd.data.config import PairsConfig
+    from sd_dmd.data.pairs import generate_pairs, pair_noise, pair_seed
     from sd_dmd.models.teacher import teacher_latents, teacher_pipeline
     tmp = Path(tempfile.mkdtemp())
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -53,7 +53,8 @@ def measure(store_dir: Path, batch: int, batches: int, verify: bool) -> dict:
     """Runs in a fresh process: the reader's own memory and speed."""
     import numpy as np
 
-    from sd_dmd.data.pairs import ROW_GROUP_ROWS, PairsStore
+    from sd_dmd.data.pairs import PairsStore
+    from sd_dmd.data.store import ROW_GROUP_ROWS
     from sd_dmd.tiny import write_synthetic_store
 
     warm_dir = store_dir.parent / (store_dir.name + "_warmup")
@@ -106,7 +107,7 @@ def main():
         return
     from common import device_line
 
-    from sd_dmd.data.pairs import MANIFEST
+    from sd_dmd.data.store import MANIFEST
     from sd_dmd.tiny import write_synthetic_store
 
     if not (store_dir / MANIFEST).exists():

@@ -17,7 +17,8 @@ listed in ``output_dir/skipped.jsonl``.
 import sys
 
 from sd_dmd.cli import guarded, run_cli
-from sd_dmd.data.latents import EncodeConfig, encode_images
+from sd_dmd.data.config import EncodeConfig
+from sd_dmd.data.latents import encode_images
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ TINY_PROMPTS = ["a red cube", "two cats on a sofa", "a blue sphere", "the number
 
 def make_tiny_inputs(out: str | Path, num_pairs: int = 8) -> Path:
     """``out/pipe`` (the tiny pipeline), ``out/prompts.txt`` and ``out/pairs``: what configs/tiny.yaml names."""
-    from sd_dmd.data.pairs import PairsConfig, generate_pairs
+    from sd_dmd.data.config import PairsConfig
+    from sd_dmd.data.pairs import generate_pairs
 
     out = Path(out)
     if not (out / "pipe" / "model_index.json").is_file():
@@ -44,7 +45,8 @@ def write_synthetic_store(out: str | Path, num_pairs: int, latent_shape=(4, 64, 
     pair i's latent is :func:`synthetic_latent`."""
     from tqdm.auto import tqdm
 
-    from sd_dmd.data.pairs import FORMAT, pair_noise, pair_seed, noise_digest, shard_path, write_manifest, write_shard
+    from sd_dmd.data.pairs import FORMAT, noise_digest, pair_noise, pair_seed, write_shard
+    from sd_dmd.data.store import shard_path, write_manifest
 
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)

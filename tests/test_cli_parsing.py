@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sd_dmd.config import ConfigError, _leaf_fields, field, load_config, save_config
-from sd_dmd.data.pairs import PairsConfig
+from sd_dmd.data.config import PairsConfig
 from sd_dmd.training.config import Config
 
 BASE = ["--data.prompts", "p.txt", "--regression.loss", "none"]  # what Config.validate needs

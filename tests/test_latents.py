@@ -20,7 +20,8 @@ from sd_dmd import encode_images
 from sd_dmd.data.images import BadImage, decode_image
 from sd_dmd.errors import LatentsError
 from sd_dmd.data.latents import LatentStore, load_vae, vae_identity
-from sd_dmd.data.pairs import ROW_GROUP_ROWS, pair_seed, shard_path
+from sd_dmd.data.pairs import pair_seed
+from sd_dmd.data.store import ROW_GROUP_ROWS, shard_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # good images: (name, size, mode, format); the VAE of the tiny pipeline works at 16 px (latents 4x8x8)
@@ -96,7 +97,7 @@ def test_folder_with_txt_captions(folder_store, image_folder, capsys):
     latents, captions = store.batch([1, 0])
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float32 and captions == cols["caption"][1::-1]
     # 9 items in shards of 3: every shard records what it covers, also shard 1, whose 3 items were all bad
-    infos = [json.loads(pq.read_metadata(shard_path(folder_store, k)).metadata[b"sd_dmd.data.latents.shard"])
+    infos = [json.loads(pq.read_metadata(shard_path(folder_store, k)).metadata[b"sd_dmd.latents.shard"])
              for k in range(3)]
     assert [(i["first_index"], i["items"]) for i in infos] == [(0, 3), (3, 3), (6, 3)]
     assert [i["rows"] for i in infos] == [3, 0, 2] and sum(len(i["skipped"]) for i in infos) == 4

@@ -27,134 +27,34 @@ Readable without this package: ``datasets.load_dataset("parquet", data_files="DI
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from sd_dmd.config import field
+from sd_dmd.data.config import SD15, EncodeConfig
+from sd_dmd.data.pairs import pair_seed
+from sd_dmd.data.store import (MANIFEST, ShardedStore, atomic_write_bytes, gather_stats, incomplete_report,
+                               missing_shards, pending_shards, prepare, read_manifest as _read, shard_path, store_bytes,
+                               write_manifest, write_parquet)
 from sd_dmd.errors import LatentsError
-from sd_dmd.data.pairs import ShardedStore, _atomic_write_bytes, corrupt_on_resume, pair_seed, shard_path, write_parquet
+from sd_dmd.models.vae import encode_latents, load_vae, same_vae, vae_factor, vae_identity
 
 FORMAT = "sd_dmd.latents/1"
-MANIFEST = "manifest.json"
 SKIPPED_FILE = "skipped.jsonl"
-SHARD_INFO = b"sd_dmd.data.latents.shard"  # parquet footer key: {"first_index", "items", "rows", "skipped"}
-SD15 = "runwayml/stable-diffusion-v1-5"
+SHARD_INFO = b"sd_dmd.latents.shard"  # parquet footer key: {"first_index", "items", "rows", "skipped"}
 # must agree between a store and the run that resumes it (the VAE is compared by same_vae, the source on its own)
 IDENTITY_KEYS = ("format", "resolution", "latent_shape", "latent_dtype", "scaling_factor", "shift_factor",
                  "mixed_precision", "base_seed", "shard_size")
 SOURCE_KEYS = {"kind": "source kind", "item_count": "item count", "items_sha256": "item names",
                "captions_sha256": "captions"}
 NAMED_IN_SUMMARY = 10  # skipped items named in the summary line (all of them are in skipped.jsonl)
-
-
-@dataclass
-class EncodeConfig:
-    """Settings of ``python -m sd_dmd.encode_images`` (flat: ``--images DIR``)."""
-
-    source: Literal["auto", "folder", "parquet", "dataset", "digits"] = field(
-        "auto", "what --images is (auto: a datasets directory, a folder of images, or parquet); digits: the "
-                "1,797 scikit-learn digits with the shipped digits teacher's VAE")
-    images: Optional[str] = field(None, "a folder of images, a parquet file/glob/folder, or a datasets directory "
-                                        "(save_to_disk) or load_dataset name/path")
-    captions: Optional[str] = field(None, "folder source: CSV/JSONL mapping file name -> caption (default: the "
-                                          "folder's metadata.jsonl/metadata.csv, else a .txt beside each image)")
-    image_column: Optional[str] = field(None, "parquet/dataset image column; auto among image, jpg, jpeg, png, "
-                                              "webp, img")
-    caption_column: Optional[str] = field(None, "caption column; auto among TEXT, caption, text, prompt, txt")
-    file_column: Optional[str] = field(None, "file-name column of --captions; auto among file_name, filename, file, "
-                                             "path, image")
-    split: str = field("train", "dataset split (load_dataset, or a saved DatasetDict)")
-    pretrained_model_name_or_path: Optional[str] = field(
-        None, f"diffusers model whose vae/ encodes (or a VAE directory); default {SD15}, the shipped digits teacher "
-              "for --source digits")
-    revision: Optional[str] = field(None, "hub revision of the model")
-    variant: Optional[str] = field(None, "weight variant, e.g. fp16")
-    output_dir: str = field("real_latents", "the store directory (created, or resumed when it exists)")
-    resolution: Optional[int] = field(None, "training resolution: images are centre-cropped and resized to it; "
-                                            "default: the VAE's sample_size (512 for SD1.5, 32 for the digits)")
-    batch_size: int = field(16, "images per VAE call")
-    seed: int = field(0, "base seed; item i's posterior sample is seeded from (seed, i)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "VAE compute dtype (the noise is drawn in fp32)")
-    shard_size: int = field(256, "source items per shard (the unit of atomic writes and of resume)")
-    num_workers: int = field(4, "threads decoding images (PIL releases the GIL); 0: in the main thread")
-    max_pixels: int = field(64_000_000, "skip an image whose header says more than this many pixels, before it is "
-                                        "decoded (reason 'too large: W×H'): bounds a decode thread's memory; 0: only "
-                                        "PIL's own limit (~179 Mpx)")
-
-    def validate(self):
-        from sd_dmd.config import ConfigError
-
-        if self.source == "digits" and self.images:
-            raise ConfigError("images: --source digits reads scikit-learn's digits; drop --images")
-        if self.source != "digits" and not self.images:
-            raise ConfigError("images: a folder, parquet file/glob or dataset is required (--images PATH), "
-                              "or --source digits")
-        if self.resolution is not None and self.resolution <= 0:
-            raise ConfigError(f"resolution: must be positive, got {self.resolution}")
-        for k in ("batch_size", "shard_size"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-
-
-# ----- the VAE ---------------------------------------------------------------------------------------------------
-def load_vae(path: str, revision: Optional[str] = None, variant: Optional[str] = None,
-             dtype: torch.dtype = torch.float32):
-    """``AutoencoderKL.from_pretrained(path, subfolder="vae")`` (or a VAE directory itself)."""
-    from diffusers import AutoencoderKL
-
-    p, sub = Path(path), "vae"
-    if p.exists():
-        if not (p / "vae").is_dir():
-            if not (p / "config.json").is_file():
-                raise LatentsError(f"{path}: no 'vae/' folder; expected a diffusers pipeline or a VAE directory")
-            sub = None
-    try:
-        return AutoencoderKL.from_pretrained(path, subfolder=sub, revision=revision, variant=variant, dtype=dtype)
-    except Exception as e:  # offline hub id, corrupt weights...
-        raise LatentsError(f"{path}: cannot load the VAE ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
-
-
-def vae_identity(vae) -> dict:
-    """How a store recognises its VAE: a hash of its config and a probe of its weights (as pairs.teacher_identity:
-    the first value of the first 64 tensors, compared with a tolerance, so fp32/fp16/bf16 copies match)."""
-    cfg = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-    probe = [float(p.detach().flatten()[0].float()) for _, p in zip(range(64), vae.parameters())]
-    return {"vae_config_sha256": sha, "vae_probe": probe}
-
-
-def same_vae(a: dict, b: dict) -> bool:
-    return a.get("vae_config_sha256") == b.get("vae_config_sha256") and np.allclose(
-        a.get("vae_probe", []), b.get("vae_probe", []), rtol=1e-2, atol=1e-3)
-
-
-def vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """SD-scaled fp32 latents (CPU) of images in [-1, 1]: ``(latent_dist.sample(gens) - shift) * scaling_factor``
-    with one CPU generator per image seeded by ``seeds`` (the noise of ``randn_tensor`` for a list of CPU
-    generators, drawn in fp32 whatever the VAE's dtype)."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    mean, std = dist.mean.float(), dist.std.float()
-    eps = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(s)))
-                       for s in seeds]).to(mean.device)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((mean + std * eps - shift) * vae.config.scaling_factor).cpu()
 
 
 # ----- manifest and resume ---------------------------------------------------------------------------------------
@@ -184,15 +84,7 @@ def manifest_for(cfg: EncodeConfig, model: str, vae, source, resolution: int, la
 
 
 def read_manifest(path: Path) -> dict:
-    try:
-        m = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise LatentsError(f"{path}: no {MANIFEST}; not a latents store") from None
-    except json.JSONDecodeError as e:
-        raise LatentsError(f"{path / MANIFEST}: corrupt manifest ({e.msg})") from None
-    if m.get("format") != FORMAT:
-        raise LatentsError(f"{path / MANIFEST}: unknown format {m.get('format')!r} (expected {FORMAT})")
-    return m
+    return _read(path, FORMAT, LatentsError, "latents store")
 
 
 def check_same_store(existing: dict, wanted: dict, where: Path) -> None:
@@ -216,12 +108,7 @@ def open_store(out: Path, manifest: dict, state) -> dict:
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
     if existing is not None:
         check_same_store(existing, manifest, out)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        if existing is None:
-            _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
-    state.wait_for_everyone()
+    prepare(out, state, lambda: existing is None and write_manifest(out, manifest))
     return existing or manifest
 
 
@@ -249,6 +136,11 @@ def shard_info(path: Path) -> Optional[dict]:
         return info if meta.num_rows == info["rows"] else None
     except Exception:
         return None
+
+
+def shard_complete(num_items: int, shard_size: int):
+    """``complete(k, path)`` for the engine: the shard's footer covers its whole item range."""
+    return lambda k, path: shard_is_complete(path, shard_items(k, shard_size, num_items))
 
 
 def shard_is_complete(path: Path, items: range) -> bool:
@@ -308,14 +200,6 @@ class EncodeStats:
     seconds: float = 0.0
 
 
-def gather_stats(stats: EncodeStats) -> EncodeStats:
-    """The counts of every process summed (seconds: the slowest process)."""
-    from accelerate.utils import gather_object
-
-    parts = gather_object([asdict(stats)])
-    return EncodeStats(**{k: (max if k == "seconds" else sum)(p[k] for p in parts) for k in asdict(stats)})
-
-
 def skipped_summary(skipped: list, num_items: int) -> str:
     """'skipped 3 of 20 items (missing caption: 1, unreadable: 2): a.jpg (missing caption); ...' (first few named)."""
     if not skipped:
@@ -333,20 +217,14 @@ def store_report(out: Path, num_items: int, shard_size: int) -> str:
     """The skipped-items line and 'store complete: R latents of N items ...' (or which shards are missing);
     writes ``skipped.jsonl`` when the store is complete."""
     n_shards = math.ceil(num_items / shard_size)
-    rows, skipped, missing = 0, [], []
-    for k in range(n_shards):
-        info, items = shard_info(shard_path(out, k)), shard_items(k, shard_size, num_items)
-        if info is None or (info["first_index"], info["items"]) != (items.start, len(items)):
-            missing.append(k)
-            continue
-        rows += info["rows"]
-        skipped += info["skipped"]
+    missing = missing_shards(out, n_shards, shard_complete(num_items, shard_size))
     if missing:
-        return (f"store INCOMPLETE: {len(missing)} of {n_shards} shards missing (first: "
-                f"{shard_path(out, missing[0])}); re-run the same command to finish it")
-    _atomic_write_bytes(out / SKIPPED_FILE, "".join(json.dumps({"index": i, "source": s, "reason": r}) + "\n"
+        return incomplete_report(out, missing, n_shards)
+    infos = [shard_info(shard_path(out, k)) for k in range(n_shards)]
+    rows, skipped = sum(i["rows"] for i in infos), [s for i in infos for s in i["skipped"]]
+    atomic_write_bytes(out / SKIPPED_FILE, "".join(json.dumps({"index": i, "source": s, "reason": r}) + "\n"
                                                     for i, s, r in skipped).encode())
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    size = store_bytes(out)
     return (f"{skipped_summary(skipped, num_items)}{f' (all in {out / SKIPPED_FILE})' if skipped else ''}\n"
             f"store complete: {rows} latents of {num_items} items, {size} bytes ({size / 2**20:.1f} MiB) in "
             f"{out.resolve()}")
@@ -391,14 +269,8 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
 
     num_items, shard_size = len(source), cfg.shard_size
     n_shards = math.ceil(num_items / shard_size)
-    stats, todo = EncodeStats(), []
-    for k in range(state.process_index, n_shards, state.num_processes):
-        items = shard_items(k, shard_size, num_items)
-        shard_path(out, k).with_name(shard_path(out, k).name + ".tmp").unlink(missing_ok=True)  # a killed write
-        if shard_is_complete(shard_path(out, k), items) and not corrupt_on_resume(shard_path(out, k), log):
-            stats.already_done += len(items)
-        else:
-            todo.append(k)
+    todo, done = pending_shards(out, n_shards, state, shard_complete(num_items, shard_size), log)
+    stats = EncodeStats(already_done=sum(len(shard_items(k, shard_size, num_items)) for k in done))
     done_before = gather_stats(stats).already_done
     if state.is_main_process:
         where = manifest["source"].get("path", source.kind)
@@ -445,7 +317,7 @@ class LatentStore(ShardedStore):
         self.manifest = m = read_manifest(self.path)
         n, size = m["num_items"], m["shard_size"]
         indices, shard_of, row_of = self._index_shards(
-            math.ceil(n / size), lambda k, p: shard_is_complete(p, shard_items(k, size, n)),
+            math.ceil(n / size), shard_complete(n, size),
             "is missing or partial; re-run python -m sd_dmd.encode_images with the same arguments to finish it",
             require_complete)
         if not sum(len(i) for i in indices):

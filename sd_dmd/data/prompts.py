@@ -201,3 +201,18 @@ def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = N
         raise PromptError(f"{', '.join(map(str, sources if not isinstance(sources, str) else [sources]))}: "
                           f"no usable caption ({stats.summary()})")
     return out, stats
+
+
+def _short(text: str, n: int = 80) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
+
+
+def describe_prompt_change(old: Optional[list[str]], old_count: int, new: list[str]) -> str:
+    """'count 5 -> 6, first difference at prompt 2: 'a cat' -> 'a dog'' (without the old list: the count only)."""
+    parts = [f"prompt count {old_count} -> {len(new)}" if old_count != len(new) else f"{len(new)} prompts"]
+    if old is None:
+        return ", ".join(parts + [f"the store has no prompts.jsonl to compare with"])
+    i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    a = _short(old[i]) if i < len(old) else "(none)"
+    b = _short(new[i]) if i < len(new) else "(none)"
+    return ", ".join(parts + [f"first difference at prompt {i}: {a} -> {b}"])

@@ -1,9 +1,12 @@
 """The teacher as a plain diffusers pipeline: the 50-step sampler of the regression pairs and of evaluation."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from sd_dmd.errors import PairsError
@@ -70,3 +73,26 @@ def count_truncated(tokenizer, prompts: list[str]) -> int:
     """Prompts longer than the text encoder's context (77 tokens with BOS/EOS), which SD truncates."""
     n = tokenizer.model_max_length
     return sum(len(ids) > n for ids in tokenizer(prompts, truncation=True, max_length=n + 1).input_ids)
+
+
+def teacher_identity(unet) -> dict:
+    """How a store recognises its teacher: a hash of the UNet config and a probe of base weights.
+
+    The probe (first weight value of the first 64 base tensors) is compared with a tolerance, so the
+    same teacher held in fp32, fp16 or bf16 matches while another checkpoint does not.
+    """
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    probe = []
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            continue
+        probe.append(float(p.detach().flatten()[0].float()))
+        if len(probe) == 64:
+            break
+    return {"teacher_config_sha256": sha, "teacher_probe": probe}
+
+
+def same_teacher(a: dict, b: dict) -> bool:
+    return a["teacher_config_sha256"] == b["teacher_config_sha256"] and np.allclose(
+        a["teacher_probe"], b["teacher_probe"], rtol=1e-2, atol=1e-3)

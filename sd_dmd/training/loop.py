@@ -25,7 +25,8 @@ import yaml
 from sd_dmd.config import ConfigError, save_config
 from sd_dmd.core.losses import make_regression_loss
 from sd_dmd.core.step import critic_loss, generator_loss, generator_samples, split_batch
-from sd_dmd.data.pairs import PairsStore, teacher_identity
+from sd_dmd.data.pairs import PairsStore
+from sd_dmd.models.teacher import teacher_identity
 from sd_dmd.data.prompts import PromptFilter, read_prompts
 from sd_dmd.errors import TrainingError
 from sd_dmd.models.lora import KOHYA_FILE, export_kohya, load_adapter, save_lora
@@ -176,7 +177,8 @@ class Trainer:
         m.generator_timesteps = list(cfg.dmd.generator_timesteps)
         self.real_store = None
         if cfg.gan.real_latents:  # DMD2's GAN: real latents, and a head on the fake score's bottleneck
-            from sd_dmd.data.latents import LatentStore, vae_identity
+            from sd_dmd.data.latents import LatentStore
+            from sd_dmd.models.vae import vae_identity
 
             self.real_store = LatentStore(cfg.gan.real_latents)
             self.real_store.check_compatible(vae_identity(m.vae), cfg.model.resolution)

@@ -101,7 +101,7 @@ def lpips_backbone_problem(net: str) -> Optional[str]:
 def find_problems(cfg) -> list[str]:
     """One line per missing path of a ``train_config.Config`` (empty when everything is there)."""
     from sd_dmd.run_dir import STATE_FILE
-    from sd_dmd.data.pairs import MANIFEST
+    from sd_dmd.data.store import MANIFEST
     from sd_dmd.errors import PromptError
     from sd_dmd.data.prompts import expand_sources
 
