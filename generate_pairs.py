@@ -4,11 +4,11 @@
         --output_dir pairs/ [--num_pairs N] [--guidance_scale 3] [--scheduler pndm|ddim] ...
     accelerate launch generate_pairs.py ...   # every process takes disjoint shards
     accelerate launch --multi_gpu --num_machines 2 --machine_rank 0|1 --main_process_ip IP \
-        --main_process_port PORT --num_processes TOTAL generate_pairs.py ...   # multi-node (README)
+        --main_process_port PORT --num_processes TOTAL generate_pairs.py ...   # multi-node (docs/DATA.md)
 
 Re-running the same command resumes; a larger --num_pairs extends the store; --shuffle_prompts takes the prompts in
 a seeded order (kept on resume). The summary counts every process and ends with the store's size and path.
-See sd_dmd/pairs.py for the store format.
+See sd_dmd/data/pairs.py for the store format (docs/DATA.md for the commands).
 """
 import sys
 

@@ -1,4 +1,4 @@
-"""Real images -> SD-VAE latents with captions: the real data of DMD2's GAN (sd_dmd/latents.py has the format).
+"""Real images -> SD-VAE latents with captions: the real data of DMD2's GAN (sd_dmd/data/latents.py has the format).
 
     python -m sd_dmd.encode_images --images photos/ --output_dir real/photos          # .txt beside each image,
                                                                                     # or metadata.jsonl/csv

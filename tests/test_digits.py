@@ -4,8 +4,7 @@ import json
 import pytest
 import torch
 
-from sd_dmd.data.digits import CLASSIFIER_FILE, TEACHER_DIR
-from sd_dmd.data.digits import load_images
+from sd_dmd.data.digits import CLASSIFIER_FILE, TEACHER_DIR, load_images
 from sd_dmd.evaluation.digits.evaluate import coverage, digit_metrics, frechet_distance, load_classifier
 
 

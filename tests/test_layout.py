@@ -35,3 +35,16 @@ def test_the_checker_sees_a_circle_an_upward_import_and_a_private_name(tmp_path)
     assert "private: sd_dmd.training.loop imports _save from sd_dmd.training.state" in found
     assert not any("evaluation" in f for f in found)  # TYPE_CHECKING imports are annotations only
     assert len(found) == 3, found
+
+
+def test_no_class_over_200_lines_and_no_function_over_about_60():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "sd_dmd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > (200 if isinstance(node, ast.ClassDef) else 65):
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
+    assert long == []

@@ -6,10 +6,9 @@ import pytest
 from conftest import assert_one_line_error
 from PIL import Image
 
-from sd_dmd.outputs import sample
-from sd_dmd.models.lora import KOHYA_FILE, export_kohya, save_lora
+from sd_dmd.models.lora import KOHYA_FILE, LORA_FILE, export_kohya, resolve_lora, save_lora
 from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel, LoraSpec
-from sd_dmd.models.lora import LORA_FILE, resolve_lora
+from sd_dmd.outputs import sample
 
 
 def _randomize(model, name, seed, scale=0.3):

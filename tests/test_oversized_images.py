@@ -19,7 +19,6 @@ import pytest
 from PIL import Image, ImageFile
 
 from sd_dmd import encode_images
-
 from sd_dmd.data import images as image_sources
 from sd_dmd.data.images import BadImage, FolderSource, decode_image
 from sd_dmd.data.latents import SKIPPED_FILE, LatentStore

@@ -11,15 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_one_line_error
 import torch
+from conftest import assert_one_line_error
 
 import generate_pairs
-from sd_dmd.errors import PairsError
 from sd_dmd.data.pairs import PairsStore, pair_noise, pair_seed, teacher_identity
-from sd_dmd.models.teacher import teacher_pipeline
-from sd_dmd.errors import PromptError
 from sd_dmd.data.prompts import PromptFilter, read_prompts
+from sd_dmd.errors import PairsError, PromptError
+from sd_dmd.models.teacher import teacher_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "two cats on a sofa", "", None, "a blue sphere", "the number seven", "a tree"]

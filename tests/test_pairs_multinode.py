@@ -1,4 +1,4 @@
-"""The README's multi-node recipe for generate_pairs.py: `accelerate launch --num_machines 2 --machine_rank 0|1
+"""The multi-node recipe (docs/DATA.md) for generate_pairs.py: `accelerate launch --num_machines 2 --machine_rank 0|1
 --main_process_ip IP --main_process_port PORT`, run here as 2 "machines" x 1 process on localhost, makes the same store
 as 1 machine x 2 processes (shard k belongs to global process k % world_size, so the shards stay disjoint across
 nodes x processes). Every launch has a hard timeout: a hang fails the test instead of stalling the suite."""

@@ -259,7 +259,7 @@ def test_every_optimiser_in_one_fp16_decision_gets_its_true_gradient(n_groups):
 
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from sd_dmd.training.loop import apply_gradients
+    from sd_dmd.training.turns import apply_gradients
 
     Accelerator(mixed_precision="no")  # AcceleratedOptimizer reads accelerate's process state
     true_grads = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(n_groups)]

@@ -20,9 +20,8 @@ import generate_pairs
 from sd_dmd.training import state as ckpt
 from sd_dmd.config import ConfigError, from_dict, load_config
 from sd_dmd.data.pairs import PairsStore
-from sd_dmd.errors import PromptError
-from sd_dmd.data.prompts import read_prompts
-from sd_dmd.errors import TrainingError
+from sd_dmd.data.prompts import PromptFilter, read_prompts
+from sd_dmd.errors import PromptError, TrainingError
 from sd_dmd.training.loop import train
 from sd_dmd.training.config import Config
 
@@ -303,8 +302,7 @@ def test_fuzz_caption_reader_only_documented_errors(tmp_path, rows, name, fmt):
     else:
         path.write_bytes(bytes(str(rows), "utf-8"))
     try:
-        prompts, stats = read_prompts([str(path)], filters=__import__("sd_dmd.prompts").prompts.PromptFilter(
-            max_punsafe=0.5))
+        prompts, stats = read_prompts([str(path)], filters=PromptFilter(max_punsafe=0.5))
         assert prompts and all(isinstance(p, str) and p.strip() == p and p for p in prompts)
     except PromptError:
         pass

@@ -10,11 +10,10 @@ import pytest
 
 import generate_pairs
 from sd_dmd import encode_images
-from sd_dmd.errors import LatentsError
 from sd_dmd.data.latents import LatentStore
 from sd_dmd.data.pairs import PairsStore
 from sd_dmd.data.store import DIGEST_COLUMN, ROW_GROUP_ROWS, shard_path
-from sd_dmd.errors import PairsError
+from sd_dmd.errors import LatentsError, PairsError
 from sd_dmd.verify_store import main as verify_main
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_dmd.errors import PairsError
 from sd_dmd.data.pairs import PairsStore, pair_noise, pair_seed, shard_path
+from sd_dmd.errors import PairsError
 from sd_dmd.tiny import synthetic_latent, write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -91,7 +91,7 @@ def test_resume_on_another_process_count_reseeds_from_seed_step_rank(setup, tmp_
     import json
     import shutil
 
-    from sd_dmd.training.loop import resume_seed
+    from sd_dmd.training.state import resume_seed
 
     train(_cfg(setup, tmp_path / "src", "--train.max_steps", "2"))
     runs = {}

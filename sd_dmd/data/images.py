@@ -1,4 +1,4 @@
-"""Image + caption sources of the real-latents store (sd_dmd/latents.py): a folder, parquet files, a Hugging Face
+"""Image + caption sources of the real-latents store (sd_dmd/data/latents.py): a folder, parquet files, a Hugging Face
 ``datasets`` dataset, or scikit-learn's digits.
 
 A source is a deterministic list of items (sorted file names; parquet files sorted, rows in file order; dataset rows
@@ -31,9 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from sd_dmd.errors import SourceError
 from sd_dmd.data.prompts import CAPTION_COLUMNS as PROMPT_CAPTION_COLUMNS
 from sd_dmd.data.prompts import clean_caption
+from sd_dmd.errors import SourceError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # auto-detected columns, preferred first: LAION metadata (TEXT), img2dataset (jpg/txt), HF image datasets (image/text)

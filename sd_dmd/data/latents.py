@@ -7,7 +7,7 @@ Layout of ``output_dir``:
   skipped.jsonl                  every skipped item: {"index", "source", "reason"} (written when the store completes)
 
 Rows are defined over the *source items*: the source lists its items in a deterministic order (sorted file names;
-parquet files sorted, rows in file order; dataset rows in order; see sd_dmd/image_sources.py) and item ``i`` goes to
+parquet files sorted, rows in file order; dataset rows in order; see sd_dmd/data/images.py) and item ``i`` goes to
 shard ``i // shard_size``. A bad item (unreadable, truncated or zero-size image, missing caption, non-finite latent)
 has no row, so a shard may hold fewer rows than items and ``index`` is not contiguous. Each shard records what it
 covers in its parquet footer (key-value metadata :data:`SHARD_INFO`: first item, item count, row count, the skipped

@@ -11,20 +11,21 @@ if TYPE_CHECKING:  # the card reads a training run's config; outputs sit below t
     from sd_dmd.training.config import Config
 
 
+def curve_rows(history: list[dict], keys) -> list[str]:
+    """Table rows of the first, middle and last logged steps."""
+    if not history:
+        return []
+    mid = max(1, len(history) // 2)
+    pick = {h["step"]: h for h in [history[0]] + history[mid:mid + 1] + [history[-1]]}
+    return ["| " + " | ".join([str(step)] + [f"{h[k]:.4g}" if k in h else "-" for k in keys]) + " |"
+            for step, h in pick.items()]
+
+
 def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool) -> None:
     """``final/README.md``: teacher, timesteps, settings, curve summary, and how to load both LoRA files."""
     keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
-    rows = []
     notes = [h["note"] for h in history if "note" in h]
-    history = [h for h in history if "note" not in h]
-    if history:
-        pick = [history[0]] + history[max(1, len(history) // 2):max(1, len(history) // 2) + 1] + [history[-1]]
-        seen = set()
-        for h in pick:
-            if h["step"] in seen:
-                continue
-            seen.add(h["step"])
-            rows.append("| " + " | ".join([str(h["step"])] + [f"{h[k]:.4g}" if k in h else "-" for k in keys]) + " |")
+    rows = curve_rows([h for h in history if "note" not in h], keys)
     model = cfg.model.pretrained_model_name_or_path
     g = cfg.lora.generator
     ts = list(cfg.dmd.generator_timesteps)

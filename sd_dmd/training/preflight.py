@@ -1,4 +1,6 @@
-"""Check, before anything is loaded or written, that the paths a training config names exist.
+"""Check, before anything is loaded or written, that a run can start: the paths a training config names exist, the
+output directory is a new one or this run's (``--resume`` / ``--overwrite``), a resume changes nothing the saved
+adapters depend on, the tracker is installed (:func:`check_start`, also what ``--dry-run`` runs).
 
 ``check_paths(cfg)`` raises :class:`PreflightError` with one line per problem, each naming the config key,
 the path and what to pass or run instead; ``find_problems(cfg)`` returns those lines. A hub id counts as
@@ -8,10 +10,17 @@ cache; online, a hub id is left to ``from_pretrained`` to download.
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from sd_dmd.config import ConfigError
+from sd_dmd.run_dir import CKPT_RE
+from sd_dmd.training import state as ckpt
+from sd_dmd.training.config import Config, resolve_precision, resume_conflicts
 
 
 class PreflightError(ConfigError):
@@ -144,3 +153,71 @@ def check_paths(cfg) -> None:
     problems = find_problems(cfg)
     if problems:
         raise PreflightError(problems)
+
+
+# ----- the run directory and resume -----------------------------------------------------------------------------
+# What a run directory holds; --overwrite deletes these and refuses a directory holding anything else.
+RUN_ARTEFACTS = ("config.yaml", "final", "logs", "validation")
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse another run's directory unless resuming or overwriting (writes nothing)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if not out.exists() or not any(out.iterdir()) or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir: {out} already holds a run; pass --resume to continue it or "
+                          "--overwrite to replace it")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_ARTEFACTS and not CKPT_RE.match(p.name.removesuffix(".tmp")))
+    if foreign:
+        raise ConfigError(f"output_dir: {out} holds {', '.join(foreign[:5])}, which no run writes; --overwrite "
+                          "only replaces a run directory (move those away or choose another output_dir)")
+
+
+def clear_output_dir(out: Path) -> None:
+    """--overwrite: nothing of the old run stays (checkpoints, final/, TensorBoard events, validation images)."""
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_resume_config(cfg: Config, checkpoint: Path) -> None:
+    """A resume may not change what the saved adapters are (train_config.FIXED_ON_RESUME): one error naming
+    every changed key, raised before anything is written."""
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():
+        saved_path = checkpoint.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = resume_conflicts(saved, asdict(cfg))
+    if changed:
+        raise ConfigError(f"--resume from {checkpoint} with settings that differ from the saved run: "
+                          f"{'; '.join(changed)} (start a new output_dir, or drop these overrides)")
+
+
+def check_start(cfg: Config, resume: bool = False, overwrite: bool = False) -> Optional[Path]:
+    """Every check that needs no model (``--dry-run`` runs these): output directory, paths, precision, tracker,
+    resume compatibility. Settles ``cfg``'s auto values; returns the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir)
+    if resume and cfg.checkpointing.resume_from is None:
+        cfg.checkpointing.resume_from = "latest"
+    check_output_dir(out, cfg.checkpointing.resume_from is not None, overwrite)
+    check_paths(cfg)
+    resolve_precision(cfg)
+    check_tracker(cfg.logging.tracker)
+    path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
+    if path is not None:
+        check_resume_config(cfg, path)
+    return path
+
+
+def check_tracker(tracker: str) -> None:
+    if tracker == "none":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is None:
+        raise ConfigError(f"logging.tracker: {tracker} is not installed (pip install {tracker}, or "
+                          "--logging.tracker none)")

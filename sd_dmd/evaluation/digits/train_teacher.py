@@ -1,6 +1,6 @@
 """Train the digits teacher (a complete diffusers StableDiffusionPipeline) and its evaluator, on CPU.
 
-    python -m sd_dmd.digits.train_teacher [--out sd_dmd/assets] [--unet_steps 6000]
+    python -m sd_dmd.evaluation.digits.train_teacher [--out sd_dmd/assets] [--unet_steps 6000]
 
 Stages: (1) AutoencoderKL 32x32x3 <-> 4x8x8, (2) UNet2DConditionModel (eps-prediction, SD's scaled_linear
 schedule) jointly with a small CLIPTextModel (real CLIP BPE tokenizer) on templated captions with ~10% empty
