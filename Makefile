@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): requirements.txt constraints.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip -c constraints.txt
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q -e ".[app,test]" -c constraints.txt  # the app's extra and the browser test's
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,9 +29,12 @@ def _drop(logger: str, prefix: str, contains: str = "") -> None:
 
 def install() -> None:
     # bitsandbytes tries, at import on AVX512-bf16 CPUs, to fetch a 4-bit CPU GEMM from the `kernels` package
-    # (a hub download). We never run 4-bit layers (only the optional 8-bit AdamW, on GPU), so its fallback
-    # message is noise. peft imports bitsandbytes, hence this runs from sd_dmd/__init__.py, before peft.
-    _drop("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+    # (a hub download). sd_dmd/_offline.py blocks `kernels` for that import, and bitsandbytes then logs that it
+    # could not load it. We never run 4-bit layers (only the optional 8-bit AdamW, on GPU), so that one message
+    # is noise: only the record naming our block ("import of kernels halted; None in sys.modules", Python's
+    # ImportError for a None sys.modules entry) is dropped, any other reason still shows.
+    _drop("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: ",
+          "import of kernels halted; None in sys.modules")
     # diffusers' ModelMixin.to(dtype) warns on every dtype cast, also when the model has no fp32-only modules
     # (its check is `fp32_modules is not None` on a list that defaults to []): the empty-list form is a false
     # alarm. A model that does have fp32-only modules still warns ("...float32: ['norm']...").

@@ -94,17 +94,23 @@ def by_rows(images, n_per_class: int):
     return images.view(10, n_per_class, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
 
 
-def comparison_grid(lora: Path, path: Path, n_rows: int = 4, seed: int = 2) -> None:
-    """Rows in pairs: the 50-step teacher, then the one-step student on the same prompts (digits 0-9)."""
+def comparison_grid(lora: Path, path: Path, n_rows: int = 4, seed: int = 2, ms: dict | None = None) -> None:
+    """Rows in pairs: the 50-step teacher, then the one-step student on the same prompts and noise (digits 0-9 in
+    columns), each row labelled with its model, steps, CFG and ms per image: ``ms`` {"teacher": ..., "student": ...}
+    (the table's measurements, passed through), else what sampling this grid took."""
     import torch
 
     from sd_dmd.evaluation.digits.sampling import save_grid
 
-    teacher, _, _ = evaluate_lora(None, n_rows, seed, teacher_steps=50)
-    student, _, _ = evaluate_lora(lora, n_rows, seed)
+    teacher, _, mt = evaluate_lora(None, n_rows, seed, teacher_steps=50)
+    student, _, ms_ = evaluate_lora(lora, n_rows, seed)
+    ms = {"teacher": mt["ms_per_image"], "student": ms_["ms_per_image"], **(ms or {})}
     t, s = by_rows(teacher, n_rows), by_rows(student, n_rows)
     rows = [r for i in range(n_rows) for r in (t[i * 10:(i + 1) * 10], s[i * 10:(i + 1) * 10])]
-    save_grid(torch.cat(rows), path, nrow=10)
+    labels = [f"teacher · 50 steps · CFG {shipped_guidance():g}\n{ms['teacher']:.1f} ms/image",
+              f"student · 1 step\n{ms['student']:.1f} ms/image"] * n_rows
+    save_grid(torch.cat(rows), path, nrow=10, row_labels=labels, col_labels=[str(d) for d in range(10)],
+              corner="digit", group=2)
 
 
 def table(metrics: dict) -> str:
@@ -143,7 +149,8 @@ def main(argv=None):
                "teacher_one_step": evaluate_lora(None, n, seed=1)[2],
                "distilled_one_step": evaluate_lora(lora, n, seed=1)[2]}
     grid = args.out / "one_step_grid.png"
-    comparison_grid(lora, grid)
+    comparison_grid(lora, grid, ms={"teacher": metrics["teacher_50_steps"]["ms_per_image"],
+                                    "student": metrics["distilled_one_step"]["ms_per_image"]})
     metrics.update(lora=str(lora), images_per_model=10 * n, seconds=round(time.time() - t0, 1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("\n" + table(metrics))

@@ -97,7 +97,7 @@ print(json.dumps({"tried": tried, "helps": helps}))
 
 COMMANDS = [("path", "generate_pairs.py"), ("path", "train_text2image.py")] + [
     ("module", f"sd_dmd.{m}") for m in ("encode_images", "sample", "evaluate", "export", "demo", "toy", "tiny",
-                                        "verify_store")]
+                                        "verify_store", "report", "app")]
 
 
 def test_import_and_every_help_print_nothing_and_open_no_connection():

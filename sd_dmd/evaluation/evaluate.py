@@ -128,16 +128,14 @@ def read_captions(path: str, n: int, seed: int) -> list[str]:
 def build_pipeline(cfg: EvalConfig, device):
     from sd_dmd.models.shared_unet import DTYPES
     from sd_dmd.models.teacher import teacher_pipeline
-    from sd_dmd.outputs.sample import one_step_pipeline
+    from sd_dmd.outputs.sample import load_lora, one_step_pipeline
 
     dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
     if cfg.scheduler in ("lcm", "ddim_trailing"):
         return one_step_pipeline(cfg.model, cfg.lora, cfg.scheduler, dtype, device, fuse=True)
     pipe = teacher_pipeline(cfg.model, cfg.scheduler, dtype, device)
     if cfg.lora:
-        from sd_dmd.models.lora import resolve_lora
-
-        resolve_lora(cfg.lora).load_into(pipe)
+        load_lora(pipe, cfg.lora)
     return pipe
 
 

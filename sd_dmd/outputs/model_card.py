@@ -1,14 +1,111 @@
 """``final/README.md``: what a user needs to load and sample the distilled LoRA, and how it was made."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from sd_dmd.models.lora import KOHYA_FILE
 from sd_dmd.outputs.sample import lcm_original_steps
 
 if TYPE_CHECKING:  # the card reads a training run's config; outputs sit below training
     from sd_dmd.training.config import Config
+
+
+# The licenses of the base models this distils, as their own model cards state them (`license:`), by hub id in
+# lower case (the hub's ids are case-insensitive). A base model not named here gets no `license:` in our card.
+KNOWN_LICENSES = {
+    **{f"compvis/stable-diffusion-v1-{i}": "creativeml-openrail-m" for i in (1, 2, 3, 4)},
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",  # the hub's copy of runwayml's
+    **{f"stabilityai/stable-diffusion-2{v}": "openrail++" for v in ("", "-base", "-1", "-1-base")},
+}
+
+
+def _valid_id(value: str) -> Optional[str]:
+    """``value`` when the hub would take it as a repository id, else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value
+
+
+def _hub_id(value: str, owner_required: bool = True) -> Optional[str]:
+    """``value`` when it is shaped as a hub model id ("owner/name", or "name" without ``owner_required``) and names
+    no local path, else None."""
+    slashes = value.count("/")
+    if slashes > 1 or (owner_required and slashes == 0) or Path(value).expanduser().exists():
+        return None
+    return _valid_id(value)
+
+
+def _cached_hub_id(path: str) -> Optional[str]:
+    """The hub id of a path inside the Hugging Face cache (``.../models--owner--name/snapshots/REV/...``), else None.
+    diffusers records such paths as a component's ``_name_or_path`` when the pipeline was loaded by hub id."""
+    parts = Path(path).parts
+    for folder, nxt in zip(parts, parts[1:]):
+        if folder.startswith("models--") and nxt == "snapshots":
+            owner_name = folder.removeprefix("models--").split("--")  # the hub allows no "--" in either
+            return _valid_id("/".join(owner_name)) if len(owner_name) == 2 else None
+    return None
+
+
+def _recorded_name(config: Path) -> Optional[str]:
+    """The ``_name_or_path`` a diffusers config file records (where the component was loaded from when saved)."""
+    try:
+        value = json.loads(config.read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def base_model_id(model: str) -> Optional[str]:
+    """The card's ``base_model``: the hub id the teacher was loaded by, or for a local teacher the hub id it records,
+    else None. Never a local path: the card is published, and the hub only takes model ids there.
+
+    A local teacher's id, first found first: the folder itself inside the Hugging Face cache; the ``_name_or_path``
+    of its ``model_index.json`` (diffusers writes the id a pipeline was loaded by when it saves it) or of its
+    ``unet/config.json`` (for a pipeline loaded by id, a path in the cache), as a hub id or a cache path."""
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return _hub_id(model, owner_required=False)  # training loaded the teacher by this id
+    for value in (str(p.resolve()), _recorded_name(p / "model_index.json"), _recorded_name(p / "unet" / "config.json")):
+        found = value and (_cached_hub_id(value) or _hub_id(value))
+        if found:
+            return found
+    return None
+
+
+def base_license(model: str, base: Optional[str]) -> dict:
+    """The card's ``license`` (with ``license_name``/``license_link`` for "other"): the one a local teacher's own
+    ``README.md`` states, else the known license of the base model's hub id (:data:`KNOWN_LICENSES`), else none."""
+    readme = Path(model).expanduser() / "README.md"
+    if Path(model).expanduser().is_dir() and readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard.load(readme, ignore_metadata_errors=True).data
+        except Exception:  # a README without (valid) card metadata states no license
+            data = None
+        if data is not None and isinstance(data.license, str) and data.license:
+            extra = {k: getattr(data, k, None) for k in ("license_name", "license_link")}
+            return {"license": data.license, **{k: v for k, v in extra.items() if isinstance(v, str) and v}}
+    lic = KNOWN_LICENSES.get((base or "").lower())
+    return {"license": lic} if lic else {}
+
+
+def card_metadata(model: str, base: Optional[str], steps: int) -> str:
+    """The card's YAML block (between the ``---`` lines): base model (:func:`base_model_id`), license, library and
+    pipeline, tags."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["lora", "text-to-image", "diffusers", "stable-diffusion", "one-step" if steps == 1 else "few-step",
+            "dmd", "sd_dmd"]
+    return ModelCardData(base_model=base, library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
+                         **base_license(model, base)).to_yaml()
 
 
 def curve_rows(history: list[dict], keys) -> list[str]:
@@ -27,6 +124,7 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     notes = [h["note"] for h in history if "note" in h]
     rows = curve_rows([h for h in history if "note" not in h], keys)
     model = cfg.model.pretrained_model_name_or_path
+    base = base_model_id(model)
     g = cfg.lora.generator
     ts = list(cfg.dmd.generator_timesteps)
     steps = len(ts)
@@ -36,11 +134,9 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
            f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
     text = f"""---
-library_name: diffusers
-base_model: {model}
-tags: [lora, text-to-image, one-step, dmd, sd_dmd]
+{card_metadata(model, base, steps)}
 ---
-# One-step DMD LoRA for `{model}`
+# One-step DMD LoRA for `{base or Path(model).name}`
 
 Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
 **one-step** generator: LoRA r={g.rank}, alpha={g.alpha}, on the frozen teacher UNet.

@@ -37,7 +37,7 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, revision=revision, variant=variant,
                                                    safety_checker=None, requires_safety_checker=False)
     if lora is not None:
-        (lora if isinstance(lora, LoraSource) else resolve_lora(lora)).load_into(pipe)
+        load_lora(pipe, lora)
     if scheduler == "lcm":
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "ddim_trailing":
@@ -53,6 +53,26 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
+
+
+def load_lora(pipe, lora: str | LoraSource) -> None:
+    """``pipe.load_lora_weights`` of ``lora`` (any :func:`resolve_lora` form) with the adapter metadata (rank, alpha)
+    saved with it, step by step as diffusers does it, but the text encoder's part only when the file has one.
+
+    Our LoRAs hold UNet weights alone, and ``load_lora_weights`` then logs diffusers' long "No LoRA keys associated
+    to CLIPTextModel found ..." warning on every load. The UNet receives the same adapter either way
+    (tests/test_model.py, tests/test_lora_forms.py)."""
+    src = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
+    where = dict(weight_name=src.file.name) if src.file else {}
+    sd, network_alphas, metadata = pipe.lora_state_dict(str(src.file.parent) if src.file else src.ref,
+                                                        return_lora_metadata=True, **where)
+    if not all("lora" in k for k in sd):  # diffusers' own check
+        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+    # low_cpu_mem_usage: load_lora_weights' default with the peft and transformers of requirements.txt
+    pipe.load_lora_into_unet(sd, network_alphas, pipe.unet, metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
+    if any(k.startswith(f"{pipe.text_encoder_name}.") for k in sd):  # e.g. a kohya file with lora_te_* keys
+        pipe.load_lora_into_text_encoder(sd, network_alphas, pipe.text_encoder, lora_scale=pipe.lora_scale,
+                                         metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
 
 
 def lcm_original_steps(timesteps, num_train_timesteps: int = 1000) -> Optional[int]:
@@ -146,6 +166,147 @@ def image_grid(images, cols: int | None = None):
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _label_font(size: int):
+    """PIL's default font at ``size`` px: Pillow >= 10.1 with FreeType scales it (Aileron); older Pillow, or one
+    without FreeType, gives the fixed bitmap font. No font files are read or downloaded."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font, width: float) -> str:
+    """``text``, cut with an ellipsis until it fits ``width`` px."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text.rstrip() + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…" if text else ""
+
+
+def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
+    """``text`` in lines of at most ``width`` px: broken at its newlines, then at " · " (the parts of a row label),
+    then at spaces; past ``max_lines`` (at least 1) the last line ends in an ellipsis."""
+    lines: list[str] = []
+    for sep in ("\n", " · ", " "):
+        todo, lines = lines or [text], []
+        for line in todo:
+            if font.getlength(line) <= width and sep != "\n":
+                lines.append(line)
+                continue
+            cur = None
+            for part in line.split(sep):
+                trial = part if cur is None else f"{cur}{sep}{part}"
+                if cur is not None and (sep == "\n" or font.getlength(trial) > width):
+                    lines.append(cur)
+                    cur = part
+                else:
+                    cur = trial
+            lines.append(cur or "")
+    max_lines = max(1, max_lines)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _fit(lines[-1] + " …", font, width)
+    return [_fit(line, font, width) for line in lines]
+
+
+def _common_prefix_words(labels: list[str]) -> str:
+    """The words every label starts with when there are two or more of them and every label has words left after
+    them ("a handwritten digit" of "a handwritten digit zero", "... one"), else ""."""
+    words = [label.split() for label in labels]
+    if len(labels) < 2:
+        return ""
+    n = 0
+    while all(len(w) > n + 1 for w in words) and len({w[n] for w in words}) == 1:
+        n += 1
+    return " ".join(words[0][:n]) if n >= 2 else ""
+
+
+def _label_lines(font, row_labels, col_labels, corner, cell_w: int, cell_h: int, line_h: int, pad: int):
+    """:func:`labelled_grid`'s labels wrapped into lines: (row lines, column lines, corner lines, the row band's
+    width). Column labels that share two or more first words lose them to the corner (unless ``corner`` is given)."""
+    col_labels = [str(c) for c in col_labels] if col_labels is not None else None
+    if col_labels is not None and corner is None:
+        prefix = _common_prefix_words(col_labels)
+        if prefix:
+            corner = prefix + " …"
+            col_labels = [c.split(None, len(prefix.split()))[-1] for c in col_labels]
+    # row labels: a band as wide as the longest label, up to max(2.5 cells, 260 px), wrapped to the cell height
+    row_max_w = max(2.5 * cell_w, 260)
+    row_lines = [_wrap(str(lab), font, row_max_w, (cell_h - 4) // line_h) for lab in row_labels]
+    row_w = max([font.getlength(line) for lines in row_lines for line in lines] + [0])
+    if corner:
+        row_w = max(row_w, min(font.getlength(corner), row_max_w))
+    band_w = math.ceil(row_w + 2.5 * pad) if row_w else 0  # text from x = 2 pad; 1.5 pad before the cells
+    col_lines = [_wrap(c, font, cell_w - pad, 3) for c in col_labels] if col_labels is not None else []
+    corner_lines = _wrap(corner, font, row_w, 3) if corner and band_w else []
+    return row_lines, col_lines, corner_lines, band_w
+
+
+def labelled_grid(images_by_row, row_labels, col_labels=None, min_cell: int = 96, corner: str | None = None,
+                  group: int = 0):
+    """One PIL image of ``images_by_row`` (rows of PIL images, drawn in the order given) with each row's label at
+    its left and each column's label above it. Returns an RGB ``PIL.Image``.
+
+    Small images are enlarged by a whole factor with nearest-neighbour until both sides of a cell are at least
+    ``min_cell`` px (8 px -> x12, 16 px -> x6, 32 px -> x3; 512 px stays as it is): every cell pixel is a copy of a
+    source pixel. Labels are wrapped (a row label at " · ", a column label at spaces) and cut with an ellipsis to
+    fit; the words that every column label starts with (two or more, e.g. "a handwritten digit") go once into the
+    top-left ``corner`` unless ``corner`` is given. ``col_labels=None``: no column band. ``group=n``: a wider gap
+    after every n rows (pairs of rows to compare, say).
+    """
+    from PIL import Image, ImageDraw
+
+    rows = [list(r) for r in images_by_row]
+    if not rows or not any(rows):
+        raise ValueError("labelled_grid: no images")
+    if len(row_labels) != len(rows):
+        raise ValueError(f"labelled_grid: {len(rows)} rows but {len(row_labels)} row labels")
+    n_cols = max(len(r) for r in rows)
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"labelled_grid: {n_cols} columns but {len(col_labels)} column labels")
+    w = max(im.size[0] for r in rows for im in r)
+    h = max(im.size[1] for r in rows for im in r)
+    k = max(1, math.ceil(min_cell / min(w, h)))
+    cell_w, cell_h = w * k, h * k
+    font = _label_font(max(14, min(40, min(cell_w, cell_h) // 6)))
+    size = getattr(font, "size", 11)
+    pad, gap = max(6, size // 2), max(2, min(cell_w, cell_h) // 48)
+    line_h = size + max(3, size // 4)
+
+    row_lines, col_lines, corner_lines, band_w = _label_lines(font, row_labels, col_labels, corner, cell_w, cell_h,
+                                                              line_h, pad)
+    n_top = max([len(c) for c in col_lines] + [len(corner_lines)] + [0])
+    band_h = n_top * line_h + 2 * pad if n_top else 0
+
+    x0, y0 = pad + band_w, pad + band_h
+    row_y = [y0 + r * (cell_h + gap) + (r // group * pad if group > 0 else 0) for r in range(len(rows))]
+    grid = Image.new("RGB", (x0 + n_cols * cell_w + (n_cols - 1) * gap + pad, row_y[-1] + cell_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    ink = (20, 20, 20)
+    for r, (row, lines) in enumerate(zip(rows, row_lines)):
+        y = row_y[r]
+        for c, im in enumerate(row):
+            im = im.convert("RGB")
+            big = im.resize((im.size[0] * k, im.size[1] * k), Image.NEAREST) if k > 1 else im
+            x = x0 + c * (cell_w + gap)
+            grid.paste(big, (x + (cell_w - big.size[0]) // 2, y + (cell_h - big.size[1]) // 2))
+        ty = y + (cell_h - len(lines) * line_h) // 2 + (line_h - size) // 2
+        for i, line in enumerate(lines):  # left-aligned, centred on the row
+            draw.text((2 * pad, ty + i * line_h), line, fill=ink, font=font)
+    for c, lines in enumerate(col_lines):  # centred on the column, bottom line just above the cells
+        cx = x0 + c * (cell_w + gap) + cell_w / 2
+        ty = y0 - pad - len(lines) * line_h + (line_h - size) // 2
+        for i, line in enumerate(lines):
+            draw.text((cx - font.getlength(line) / 2, ty + i * line_h), line, fill=ink, font=font)
+    ty = y0 - pad - len(corner_lines) * line_h + (line_h - size) // 2
+    for i, line in enumerate(corner_lines):
+        draw.text((2 * pad, ty + i * line_h), line, fill=(110, 110, 110), font=font)
     return grid
 
 

@@ -20,11 +20,11 @@ def validation_grid(t, tag: str) -> Optional[Path]:
         return None
     from PIL import Image
 
-    from sd_dmd.outputs.sample import image_grid
+    from sd_dmd.outputs.sample import labelled_grid
 
     lg = t.cfg.logging
     m = t.model
-    images = []
+    rows = []
     for seed in lg.validation_seeds:
         cond = m.encode_prompts(lg.validation_prompts)
         z = torch.stack([torch.randn(t.latent_shape, generator=torch.Generator().manual_seed(seed * 1000 + i))
@@ -34,10 +34,12 @@ def validation_grid(t, tag: str) -> Optional[Path]:
                          torch.Generator(t.acc.device).manual_seed(seed))
             img = m.decode(x)
         arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        images += [Image.fromarray(a) for a in arr]
+        rows.append([Image.fromarray(a) for a in arr])
     path = t.out / "validation" / f"{tag}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(images, cols=len(lg.validation_prompts))
+    n = len(t.cfg.dmd.generator_timesteps)  # one row per seed, one column per prompt, cells >= 96 px
+    labels = [f"seed {seed} · student · {n} step{'s' if n > 1 else ''}" for seed in lg.validation_seeds]
+    grid = labelled_grid(rows, labels, list(lg.validation_prompts))
     grid.save(path)
     if lg.tracker == "tensorboard":
         tb = t.acc.get_tracker("tensorboard", unwrap=True)
@@ -60,4 +62,7 @@ def export_final(t) -> Path:
     if grid is not None:  # inside final/, so the folder can be copied or uploaded as it is
         shutil.copyfile(grid, final / "samples.png")
     write_model_card(t.cfg, final, t.history, grid is not None)
+    from sd_dmd.outputs.report import save_final_curves  # final/curves.png, final/history.json (sd_dmd.report)
+
+    save_final_curves(final, t.history, t.log)
     return final

@@ -46,7 +46,26 @@ def one_step(model_dir: str, lora: Optional[str]):
     return one_step_pipeline(str(model_dir), lora)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int) -> None:
-    from torchvision.utils import save_image
+def to_pil(images: torch.Tensor) -> list:
+    """Images [N, 3, H, W] in [-1, 1] -> N PIL RGB images."""
+    from PIL import Image
 
-    save_image((images + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=0.5)
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_grid(images: torch.Tensor, path, nrow: int, row_labels: Optional[list[str]] = None,
+              col_labels: Optional[list[str]] = None, min_cell: int = 96, **labelled) -> None:
+    """``images`` [N, 3, H, W] in [-1, 1], ``nrow`` to a row. With ``row_labels`` (one per row; ``col_labels``, one
+    per column, optional; ``labelled``: its other keywords): :func:`sd_dmd.outputs.sample.labelled_grid`, cells
+    enlarged to ``min_cell`` px; without: the bare torchvision grid."""
+    if row_labels is None:
+        from torchvision.utils import save_image
+
+        save_image((images + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=0.5)
+        return
+    from sd_dmd.outputs.sample import labelled_grid
+
+    pil = to_pil(images)
+    labelled_grid([pil[i:i + nrow] for i in range(0, len(pil), nrow)], row_labels, col_labels,
+                  min_cell=min_cell, **labelled).save(str(path))

@@ -1,0 +1,119 @@
+"""final/README.md is a hub-ready model card (issue 29, item 3): its YAML block as huggingface_hub reads it, and its
+loading snippet run as written (on CPU) against a LoRA from a short tiny run."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from sd_dmd.config import load_config
+from sd_dmd.data.digits import TEACHER_DIR
+from sd_dmd.outputs.model_card import write_model_card
+from sd_dmd.training.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15 = "runwayml/stable-diffusion-v1-5"
+
+
+def _card(tmp_path, model, *extra) -> ModelCard:
+    """The card write_model_card writes for a run of configs/tiny.yaml on teacher ``model`` (no training needed)."""
+    cfg = load_config(Config, ["--config", str(ROOT / "configs" / "tiny.yaml"),
+                               "--model.pretrained_model_name_or_path", str(model), *extra])[0]
+    final = tmp_path / "final"
+    final.mkdir(exist_ok=True)
+    write_model_card(cfg, final, [{"step": 1, "loss_dm": 0.5}], has_samples=False)
+    return ModelCard.load(final / "README.md")
+
+
+def _yaml_values(card: ModelCard) -> list[str]:
+    return [str(v) for v in yaml.safe_load(card.data.to_yaml()).values() for v in (v if isinstance(v, list) else [v])]
+
+
+def _teacher(tmp_path, pipeline_name=None, unet_name=None, readme=None) -> Path:
+    """A local teacher folder's config files (what the card reads), recording the given ``_name_or_path``."""
+    d = tmp_path / "teacher"
+    (d / "unet").mkdir(parents=True)
+    for rel, name in (("model_index.json", pipeline_name), ("unet/config.json", unet_name)):
+        data = json.loads((TEACHER_DIR / rel).read_text())
+        if name is not None:
+            data["_name_or_path"] = name
+        (d / rel).write_text(json.dumps(data))
+    if readme is not None:
+        (d / "README.md").write_text(readme)
+    return d
+
+
+def test_hub_teacher_gives_its_id_license_and_hub_fields(tmp_path):
+    card = _card(tmp_path, SD15)
+    d = card.data
+    assert d.base_model == SD15 and d.license == "creativeml-openrail-m"
+    assert d.library_name == "diffusers" and d.pipeline_tag == "text-to-image"
+    assert {"lora", "text-to-image", "one-step"} <= set(d.tags)
+    assert f'from_pretrained("{SD15}"' in card.text
+    few = _card(tmp_path, "CompVis/stable-diffusion-v1-4", "--dmd.generator_timesteps", "999", "499").data
+    assert few.license == "creativeml-openrail-m" and "few-step" in few.tags
+
+
+def test_local_teacher_never_gives_a_path(tmp_path):
+    """The demo's teacher (sd_dmd/assets/digits_teacher) records no hub id and no license: neither is written,
+    and no local path appears in the metadata."""
+    d = _card(tmp_path, TEACHER_DIR).data
+    assert d.base_model is None and d.license is None
+    assert d.library_name == "diffusers" and d.pipeline_tag == "text-to-image"
+    assert not any("/" in v and not v.startswith(("http://", "https://")) for v in _yaml_values(_card(tmp_path,
+                                                                                                     TEACHER_DIR)))
+    # a pipeline saved after loading from a local folder records that folder: still no base_model
+    d = _card(tmp_path, _teacher(tmp_path, "/home/someone/sd15", "/home/someone/sd15/unet")).data
+    assert d.base_model is None and d.license is None
+
+
+def test_local_teacher_gives_the_hub_id_it_records(tmp_path):
+    # model_index.json: diffusers writes the id a pipeline was loaded by when it saves it
+    d = _card(tmp_path / "a", _teacher(tmp_path / "a", SD15, "/cache/x/unet")).data
+    assert d.base_model == SD15 and d.license == "creativeml-openrail-m"
+    # unet/config.json: a pipeline loaded by id records its Hugging Face cache path
+    cached = "/root/.cache/huggingface/hub/models--CompVis--stable-diffusion-v1-4/snapshots/abc123/unet"
+    d = _card(tmp_path / "b", _teacher(tmp_path / "b", "/data/copy", cached)).data
+    assert d.base_model == "CompVis/stable-diffusion-v1-4" and d.license == "creativeml-openrail-m"
+    # a hub id whose license we do not know: the id, no license
+    d = _card(tmp_path / "c", _teacher(tmp_path / "c", "someone/custom-sd")).data
+    assert d.base_model == "someone/custom-sd" and d.license is None
+
+
+def test_local_teacher_license_from_its_own_card(tmp_path):
+    d = _card(tmp_path, _teacher(tmp_path, readme="---\nlicense: mit\n---\n# my teacher\n")).data
+    assert d.license == "mit" and d.base_model is None
+
+
+# What the snippet needs to run on this machine, each replaced exactly once: the LoRA folder, and CPU / fp32 for the
+# card's CUDA / fp16 (the tiny pipeline's teacher path is the model the card already names).
+def _runnable(code: str, lora_dir: Path) -> str:
+    for old, new in (('"path/to/this/folder"', repr(str(lora_dir))), ('"cuda"', '"cpu"'),
+                     ("torch.float16", "torch.float32")):
+        assert code.count(old) == 1, (old, code)
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.mark.parametrize("timesteps", [["999"], ["999", "499"]])
+def test_card_snippet_runs(train_setup, tmp_path, timesteps):
+    from sd_dmd.training.loop import train
+
+    cfg = load_config(Config, [
+        "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", train_setup["pipe"],
+        "--regression.pairs_dir", train_setup["pairs"], "--data.prompts", train_setup["prompts"],
+        "--output_dir", str(tmp_path / "run"), "--train.max_steps", "1", "--checkpointing.every", "0",
+        "--dmd.generator_timesteps", *timesteps])[0]
+    final = train(cfg).final
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model is None and train_setup["pipe"] not in card.data.to_yaml()  # a local tiny teacher
+    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    assert len(blocks) == 1, card.text
+    assert f'from_pretrained("{train_setup["pipe"]}"' in blocks[0]
+    ns = {}
+    exec(compile(_runnable(blocks[0], final), str(final / "README.md"), "exec"), ns)
+    assert ns["image"].size == (16, 16)
+    sched = ns["pipe"].scheduler
+    assert type(sched).__name__ == "LCMScheduler" and sched.timesteps.tolist() == [int(t) for t in timesteps]
