@@ -38,11 +38,23 @@ class LoraSource:
         return p if p.is_file() else None
 
     def load_into(self, pipe) -> None:
-        """``pipe.load_lora_weights`` with the adapter metadata (rank, alpha) saved with the weights."""
-        if self.file is None:
-            pipe.load_lora_weights(self.ref)
-        else:
-            pipe.load_lora_weights(str(self.file.parent), weight_name=self.file.name)
+        """``pipe.load_lora_weights`` with the adapter metadata (rank, alpha) saved with the weights, step by step as
+        diffusers does it, but the text encoder's part only when the file has one.
+
+        Our LoRAs hold UNet weights alone, and ``load_lora_weights`` then logs diffusers' long "No LoRA keys associated
+        to CLIPTextModel found ..." warning on every load. The UNet receives the same adapter either way
+        (tests/test_model.py, tests/test_lora_forms.py)."""
+        where = dict(weight_name=self.file.name) if self.file else {}
+        sd, network_alphas, metadata = pipe.lora_state_dict(str(self.file.parent) if self.file else self.ref,
+                                                            return_lora_metadata=True, **where)
+        if not all("lora" in k for k in sd):  # diffusers' own check
+            raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+        # low_cpu_mem_usage: load_lora_weights' default with the peft and transformers of requirements.txt
+        pipe.load_lora_into_unet(sd, network_alphas, pipe.unet, metadata=metadata, _pipeline=pipe,
+                                 low_cpu_mem_usage=True)
+        if any(k.startswith(f"{pipe.text_encoder_name}.") for k in sd):  # e.g. a kohya file with lora_te_* keys
+            pipe.load_lora_into_text_encoder(sd, network_alphas, pipe.text_encoder, lora_scale=pipe.lora_scale,
+                                             metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
 
     def __str__(self) -> str:
         return f"{self.ref} ({self.form})"
@@ -51,8 +63,6 @@ class LoraSource:
     def timesteps(self) -> Optional[list[int]]:
         """The sampling timesteps training recorded beside the weights (``sd_dmd_sampling.json``), if any."""
         import json
-
-
 
         f = self.file
         if f is None or not (f.parent / SAMPLING_FILE).is_file():

@@ -56,23 +56,8 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
 
 
 def load_lora(pipe, lora: str | LoraSource) -> None:
-    """``pipe.load_lora_weights`` of ``lora`` (any :func:`resolve_lora` form) with the adapter metadata (rank, alpha)
-    saved with it, step by step as diffusers does it, but the text encoder's part only when the file has one.
-
-    Our LoRAs hold UNet weights alone, and ``load_lora_weights`` then logs diffusers' long "No LoRA keys associated
-    to CLIPTextModel found ..." warning on every load. The UNet receives the same adapter either way
-    (tests/test_model.py, tests/test_lora_forms.py)."""
-    src = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
-    where = dict(weight_name=src.file.name) if src.file else {}
-    sd, network_alphas, metadata = pipe.lora_state_dict(str(src.file.parent) if src.file else src.ref,
-                                                        return_lora_metadata=True, **where)
-    if not all("lora" in k for k in sd):  # diffusers' own check
-        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
-    # low_cpu_mem_usage: load_lora_weights' default with the peft and transformers of requirements.txt
-    pipe.load_lora_into_unet(sd, network_alphas, pipe.unet, metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
-    if any(k.startswith(f"{pipe.text_encoder_name}.") for k in sd):  # e.g. a kohya file with lora_te_* keys
-        pipe.load_lora_into_text_encoder(sd, network_alphas, pipe.text_encoder, lora_scale=pipe.lora_scale,
-                                         metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
+    """Load ``lora`` (any :func:`resolve_lora` form) into ``pipe``'s UNet, as :meth:`LoraSource.load_into`."""
+    (lora if isinstance(lora, LoraSource) else resolve_lora(lora)).load_into(pipe)
 
 
 def lcm_original_steps(timesteps, num_train_timesteps: int = 1000) -> Optional[int]:
