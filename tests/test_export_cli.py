@@ -32,7 +32,7 @@ def test_fused_unet_reproduces_lora_unet(tiny_model, tiny_pipe_dir, tmp_path, ca
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t, c = torch.tensor([999, 500]), m.encode_prompts(PROMPTS)
     with torch.no_grad():
-        ref = m._eps(GENERATOR)(x, t, c)
+        ref = m._predict(GENERATOR)(x, t, c)
         out = fused(x, t, encoder_hidden_states=c).sample
         plain = base(x, t, encoder_hidden_states=c).sample
     assert (out - ref).abs().max().item() < 1e-4

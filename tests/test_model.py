@@ -40,8 +40,8 @@ def test_adapters_disabled_equals_base_unet(tiny_model, tiny_pipe_dir):
     x, t, c = _z(), torch.tensor([10, 700]), tiny_model.encode_prompts(PROMPTS)
     with torch.no_grad():
         ref = base(x, t, encoder_hidden_states=c).sample
-        out = tiny_model._eps(None)(x, t, c)
-        gen = tiny_model._eps(GENERATOR)(x, t, c)
+        out = tiny_model._predict(None)(x, t, c)
+        gen = tiny_model._predict(GENERATOR)(x, t, c)
     assert torch.equal(out, ref)
     assert (gen - ref).abs().max() > 1e-4  # the adapter is really on otherwise
 
@@ -49,9 +49,9 @@ def test_adapters_disabled_equals_base_unet(tiny_model, tiny_pipe_dir):
 def test_loras_start_as_teacher(tiny_model):
     x, t, c = _z(), torch.tensor([999, 999]), tiny_model.encode_prompts(PROMPTS)
     with torch.no_grad():
-        ref = tiny_model._eps(None)(x, t, c)
-        assert torch.equal(tiny_model._eps(GENERATOR)(x, t, c), ref)
-        assert torch.equal(tiny_model._eps(FAKE)(x, t, c), ref)
+        ref = tiny_model._predict(None)(x, t, c)
+        assert torch.equal(tiny_model._predict(GENERATOR)(x, t, c), ref)
+        assert torch.equal(tiny_model._predict(FAKE)(x, t, c), ref)
 
 
 def test_describe_counts(tiny_model):
@@ -94,7 +94,7 @@ def test_batched_cfg_equals_two_forwards(tiny_model):
     m = tiny_model
     x, t, c = _z(), torch.tensor([300, 600]), m.encode_prompts(PROMPTS)
     out = m.real_denoiser(3.0)(x, t, c)
-    eps = m._eps(None)
+    eps = m._predict(None)
     with torch.no_grad():
         e_u = eps(x, t, m.uncond_embedding.expand_as(c))
         e_c = eps(x, t, c)
@@ -177,16 +177,17 @@ def test_fused_unet_equals_adapter(tiny_model, tmp_path):
     assert not any("lora" in n for n, _ in fused.named_parameters())
     x, t, c = _z(), torch.tensor([999, 999]), m.encode_prompts(PROMPTS)
     with torch.no_grad():
-        ref = m._eps(GENERATOR)(x, t, c)
+        ref = m._predict(GENERATOR)(x, t, c)
         out = fused(x, t, encoder_hidden_states=c).sample
     assert (out - ref).abs().max().item() < 1e-4
 
 
-def test_v_prediction_refused(tmp_path):
+def test_sample_prediction_refused(tmp_path):
+    """eps and v teachers are supported (tests/test_families.py); an x0 ("sample") teacher is refused by name."""
     from sd_dmd.models.tiny import build_tiny_pipeline
 
-    path = build_tiny_pipeline(tmp_path / "v", prediction_type="v_prediction")
-    with pytest.raises(ModelError, match="v-prediction"):
+    path = build_tiny_pipeline(tmp_path / "x0", prediction_type="sample")
+    with pytest.raises(ModelError, match="prediction_type is 'sample'; supported: epsilon, v_prediction"):
         DMDModel.from_pretrained(str(path))
 
 

@@ -13,22 +13,31 @@ from sd_dmd.core.schedule import NoiseSchedule
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-class EpsDenoiser:
+class PredictionDenoiser:
+    """Wrap a model ``fn(x_t, t, cond)`` predicting eps (``prediction_type="epsilon"``) or v (``"v_prediction"``) as
+    an x0 denoiser: x0 = (x_t - sigma eps) / alpha, or alpha x_t - sigma v."""
+
+    def __init__(self, fn: Callable, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        self.fn = fn  # (x_t, t, cond) -> the model's prediction
+        self.schedule = schedule  # converts it to x0
+        self.prediction_type = prediction_type
+
+    def __call__(self, x_t, t, cond=None):
+        return self.schedule.to_x0(x_t, self.fn(x_t, t, cond), t, self.prediction_type)
+
+
+class EpsDenoiser(PredictionDenoiser):
     """Wrap an eps-predicting model ``eps_fn(x_t, t, cond)`` as an x0 denoiser (Tweedie / DDPM Eq.)."""
 
     def __init__(self, eps_fn: Callable, schedule: NoiseSchedule):
-        self.eps_fn = eps_fn  # (x_t, t, cond) -> eps_hat
-        self.schedule = schedule  # converts eps to x0
-
-    def __call__(self, x_t, t, cond=None):
-        return self.schedule.eps_to_x0(x_t, self.eps_fn(x_t, t, cond), t)
+        super().__init__(eps_fn, schedule, "epsilon")
 
 
 class CFGDenoiser:
     """Classifier-free guidance, DMD2's convention: out = out_u + s (out_c - out_u).
 
-    Guidance is linear in eps and x0 = (x_t - sigma eps) / alpha is affine in eps with the same x_t, so
-    guiding x0 equals guiding eps. Unconditional and conditional halves run in one batched forward.
+    Guidance is linear in eps (or v) and x0 is affine in either with the same x_t and coefficients summing
+    1 - s + s = 1, so guiding x0 equals guiding the model's output. Unconditional and conditional halves run in one batched forward.
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, uncond: torch.Tensor):

@@ -46,7 +46,13 @@ def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch
     return loss, stats
 
 
-FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1")
+FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1", "v")
+
+
+def native_weighting(prediction_type: str) -> str:
+    """The fake-score loss the teacher itself was trained with: eps-MSE for eps teachers, v-MSE for v ones."""
+    return "v" if prediction_type == "v_prediction" else "eps"
+
 
 
 def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -54,7 +60,8 @@ def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: tor
     """Denoising loss of the fake score on generator samples, written on x0 so it works for any denoiser.
 
     ``eps``: mse(eps_fake(x_t), noise) = SNR * |x0_hat - x|^2 (SD's loss; DMD and DMD2 on SD).
-    ``snr+1``: (SNR + 1) * |x0_hat - x|^2, the v-prediction loss: at high noise the eps loss weights the x0
+    ``snr+1`` (= ``v``): (SNR + 1) * |x0_hat - x|^2 = mse(v_fake(x_t), v) (v-prediction's loss: v - v_hat =
+    (x0_hat - x0) / sigma at fixed x_t, and 1 / sigma^2 = SNR + 1); at high noise the eps loss weights the x0
     error by SNR ~ 0.005 (t = 999), so the fake score hardly learns there, yet Eq. 7 reads its x0 there.
     """
     if weighting not in FAKE_LOSS_WEIGHTINGS:

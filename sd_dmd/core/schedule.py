@@ -50,6 +50,19 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t, x_t)
         return (x_t.float() - s * eps.float()) / a
 
+    def v_to_x0(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = alpha_t x_t - sigma_t v for v = alpha_t eps - sigma_t x0 (v-prediction, Salimans & Ho 2022)."""
+        a, s = self.alpha_sigma(t, x_t)
+        return a * x_t.float() - s * v.float()
+
+    def to_x0(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, prediction_type: str = "epsilon"):
+        """The x0 of a UNet output of ``prediction_type`` ("epsilon" or "v_prediction", as diffusers names them)."""
+        if prediction_type == "epsilon":
+            return self.eps_to_x0(x_t, out, t)
+        if prediction_type == "v_prediction":
+            return self.v_to_x0(x_t, out, t)
+        raise ValueError(f"unknown prediction_type '{prediction_type}' (epsilon or v_prediction)")
+
     def x0_to_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.alpha_sigma(t, x_t)
         return (x_t.float() - a * x0.float()) / s

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from sd_dmd.core.losses import dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
+from sd_dmd.core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
+                                native_weighting)
 
 
 def split_batch(value, n: int) -> list:
@@ -114,7 +115,10 @@ def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch, 
                 gan_weight: float = 0.0):
     """The critic turn's loss: the fake score's denoising loss on detached generator samples, plus
     gan_weight * DMD2's discriminator loss (G's samples against the batch's real latents) when it has them.
-    Returns ``(loss, stats)``."""
+    ``weighting="auto"``: the teacher's own loss (eps- or v-MSE, by ``model.prediction_type``). Returns
+    ``(loss, stats)``."""
+    if weighting == "auto":
+        weighting = native_weighting(getattr(model, "prediction_type", "epsilon"))
     loss, stats = fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond, weighting)
     if gan_weight > 0 and batch.real is not None:
         real_cond = model.encode_prompts(batch.real_prompts)

@@ -70,6 +70,9 @@ class EncodeConfig:
     pretrained_model_name_or_path: Optional[str] = field(
         None, f"diffusers model whose vae/ encodes (or a VAE directory); default {SD15}, the shipped digits teacher "
               "for --source digits")
+    vae: Optional[str] = field(None, "a separately saved VAE used instead of the model's vae/: a VAE directory or "
+                                     "hub id with the VAE at its root, e.g. an fp16-safe SDXL VAE (SDXL's own VAE "
+                                     "overflows in fp16); train with the same --model.vae")
     revision: Optional[str] = field(None, "hub revision of the model")
     variant: Optional[str] = field(None, "weight variant, e.g. fp16")
     output_dir: str = field("real_latents", "the store directory (created, or resumed when it exists)")

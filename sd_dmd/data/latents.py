@@ -258,7 +258,8 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
                          cfg.split)
     model = resolve_model(cfg)
     dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
-    vae = load_vae(model, cfg.revision, cfg.variant, dtype).to(state.device).eval()
+    vae = (load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else
+           load_vae(model, cfg.revision, cfg.variant, dtype)).to(state.device).eval()
     resolution, f = cfg.resolution or int(vae.config.sample_size), vae_factor(vae)
     if resolution % f:
         raise LatentsError(f"resolution {resolution} is not a multiple of the VAE factor {f} ({model})")

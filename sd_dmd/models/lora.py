@@ -117,11 +117,9 @@ SAMPLING_FILE = "sd_dmd_sampling.json"  # beside a generator LoRA: its sampler, 
 
 def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Path:
     """Diffusers-format LoRA (``pytorch_lora_weights.safetensors`` + adapter metadata)."""
-    from diffusers import StableDiffusionPipeline
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
+    model.family.pipeline_class().save_lora_weights(  # StableDiffusion(XL)Pipeline: the same "unet." keys
         out, unet_lora_layers=adapter_state_dict(model, name),
         unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict(), safe_serialization=True)
     if name == GENERATOR:  # how to sample it: python -m sd_dmd.sample and the evaluator read this

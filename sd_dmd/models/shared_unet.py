@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.utils.checkpoint
 
-from sd_dmd.core.denoisers import CFGDenoiser, EpsDenoiser
+from sd_dmd.core.denoisers import CFGDenoiser, PredictionDenoiser
 from sd_dmd.core.schedule import NoiseSchedule
 from sd_dmd.errors import ModelError
+from sd_dmd.models.family import SD, Components, Family, check_prediction_type, detect_family
 
 GENERATOR, FAKE = "generator", "fake"
 
@@ -47,49 +47,6 @@ class LoraSpec:
         # init_lora_weights="gaussian": A ~ N(0, 1/r), B = 0, so the adapter starts as a zero update
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
                           init_lora_weights="gaussian")
-
-
-def check_model_dir(path: str) -> None:
-    """Refuse a local directory that is not a diffusers SD pipeline, naming what is missing."""
-    p = Path(path)
-    if p.exists():
-        if not p.is_dir():
-            raise ModelError(f"{path}: not a directory (expected a diffusers Stable Diffusion pipeline)")
-        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if not (p / sub).is_dir():
-                raise ModelError(f"{path}: no '{sub}/' folder; expected a diffusers Stable Diffusion pipeline")
-    elif path.startswith((".", "/")) or path.count("/") > 1:
-        raise ModelError(f"{path}: no such model directory")
-
-
-def check_eps_prediction(scheduler_config, path: str) -> None:
-    """Refuse a teacher that does not predict eps (v-prediction SD 2.x, ...)."""
-    pred = scheduler_config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; DMD here needs an epsilon-prediction "
-                         "teacher (SD 1.x / 2.x-base), v-prediction models are not supported")
-
-
-def load_components(path: str, revision: Optional[str] = None, variant: Optional[str] = None,
-                    dtype: Optional[torch.dtype] = None):
-    """Load (unet, vae, text_encoder, tokenizer, scheduler) from a local diffusers dir or a hub id.
-
-    ``dtype``: load the weights in this dtype (``dtype=``, as diffusers >= 0.36 and transformers >= 4.56 name
-    it), rather than casting afterwards with ``.to(dtype)``, which diffusers warns about.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    check_model_dir(path)
-    kw = dict(revision=revision)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    check_eps_prediction(scheduler.config, path)
-    weights = dict(kw, variant=variant, dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    return unet, vae, text_encoder, tokenizer, scheduler
 
 
 def _tuner_layers(module: torch.nn.Module) -> list:
@@ -135,18 +92,23 @@ def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def unet_bottleneck(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-    """The UNet's forward up to and including the mid block (conv_in, time embedding, down blocks, mid block):
-    what DMD2's discriminator reads ("cls_on_clean_image"). The same calls, in the same order, as
-    ``UNet2DConditionModel.forward`` for SD-style UNets (no class or added embeddings)."""
+def unet_bottleneck(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    added_cond_kwargs: Optional[dict] = None):
+    """The UNet's forward up to and including the mid block (conv_in, time and added embeddings, down blocks, mid
+    block): what DMD2's discriminator reads ("cls_on_clean_image", ``classify_mode``). The same calls, in the same
+    order, as ``UNet2DConditionModel.forward`` for SD-style UNets and SDXL's (``addition_embed_type="text_time"``:
+    the pooled text embedding and time ids join the time embedding)."""
     cfg = unet.config
-    if cfg.get("class_embed_type") or cfg.get("addition_embed_type"):
-        raise ModelError("the GAN head supports SD-style UNets only (no class or added embeddings); this UNet has "
+    if cfg.get("class_embed_type") or cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise ModelError("the GAN head supports SD and SDXL UNets only; this UNet has "
                          f"class_embed_type={cfg.get('class_embed_type')}, "
                          f"addition_embed_type={cfg.get('addition_embed_type')}")
     if unet.mid_block is None:
         raise ModelError("the GAN head reads the UNet's mid block, and this UNet has none")
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs or {})
+    emb = emb + aug if aug is not None else emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     h = unet.conv_in(sample)
@@ -167,20 +129,24 @@ def _group_norm(channels: int) -> torch.nn.GroupNorm:
 
 
 class GANHead(torch.nn.Module):
-    """DMD2's classifier on the fake score's bottleneck: Conv4x4 s2 -> GN -> SiLU -> Conv4x4 s4 -> GN -> SiLU ->
-    Conv1x1 -> one logit per sample. At SD1.5's 8x8 mid block (512 px) that is exactly DMD2's head (8 -> 4 -> 1);
-    a smaller bottleneck (the digits UNet's) keeps the layers, with the second conv's kernel and stride cut to what
-    is left so it still ends at 1x1."""
+    """DMD2's classifier on the fake score's bottleneck: (Conv4x4 s2 -> GN -> SiLU) until 4x4 is left, then
+    Conv4x4 s4 -> GN -> SiLU -> Conv1x1 -> one logit per sample. At SD1.5's 8x8 mid block (512 px) that is exactly
+    DMD2's SD1.5 head (8 -> 4 -> 1), at SDXL's 32x32 (1024 px) exactly its SDXL head (32 -> 16 -> 8 -> 4 -> 1,
+    main/sd_guidance.py). A bottleneck under 4x4 (the digits UNet's) keeps the layers, with the second conv's kernel
+    and stride cut to what is left so it still ends at 1x1."""
 
     def __init__(self, channels: int, size: int):
         super().__init__()
-        first = torch.nn.Conv2d(channels, channels, 4, 2, 1) if size >= 4 else torch.nn.Conv2d(channels, channels, 3, 1, 1)
-        left = size // 2 if size >= 4 else size
+        layers, left = [], size
+        if size < 4:
+            layers += [torch.nn.Conv2d(channels, channels, 3, 1, 1), _group_norm(channels), torch.nn.SiLU()]
+        while left >= 4 and (left > 4 or not layers):  # DMD2: one stride-2 conv at least (SD1.5: 8 -> 4)
+            layers += [torch.nn.Conv2d(channels, channels, 4, 2, 1), _group_norm(channels), torch.nn.SiLU()]
+            left //= 2
         k = min(4, left)
         self.net = torch.nn.Sequential(
-            first, _group_norm(channels), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels, k, k, 0), _group_norm(channels), torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(1),  # 1x1 already at SD1.5's shape; averages what is left elsewhere
+            *layers, torch.nn.Conv2d(channels, channels, k, k, 0), _group_norm(channels), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1),  # 1x1 already at SD1.5's and SDXL's shapes; averages what is left elsewhere
             torch.nn.Conv2d(channels, 1, 1, 1, 0))
         self.channels, self.size = channels, size
 
@@ -193,28 +159,36 @@ def _nbytes(params) -> int:
 
 
 class DMDModel:
-    """The shared UNet with its two adapters, the frozen VAE/text encoder, and the schedule."""
+    """The shared UNet with its two adapters, the frozen VAE/text encoder(s), and the schedule, for a teacher of any
+    family (:mod:`sd_dmd.models.family`: how prompts become conditioning and how the UNet is called with it)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, weight_dtype: torch.dtype = torch.float32,
+    def __init__(self, components: Components, family: Family = SD, *, weight_dtype: torch.dtype = torch.float32,
                  generator_lora: LoraSpec = LoraSpec(), fake_lora: LoraSpec = LoraSpec(),
                  conditioning_timestep: int = 999, real_guidance_scale: float = 3.0,
-                 gradient_checkpointing: bool = False, device: torch.device | str = "cpu"):
+                 gradient_checkpointing: bool = False, device: torch.device | str = "cpu",
+                 resolution: Optional[int] = None, force_zeros_for_empty_prompt: bool = True):
+        unet, vae, scheduler = components.unet, components.vae, components.scheduler
+        self.family = family
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype  # dtype of the frozen base weights
         self.conditioning_timestep = conditioning_timestep  # t* at which G is called
         self.generator_timesteps = [conditioning_timestep]  # the few-step sampler's timesteps (training sets them)
         self.real_guidance_scale = real_guidance_scale  # CFG scale of the real score
         self.scheduler = scheduler
+        self.prediction_type = check_prediction_type(scheduler.config, "the teacher")  # epsilon or v_prediction
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
         if not 0 <= conditioning_timestep < self.schedule.num_train_timesteps:
             raise ModelError(f"conditioning_timestep must be in [0, {self.schedule.num_train_timesteps - 1}]")
-        self.tokenizer = tokenizer
-        for m in (unet, vae, text_encoder):
+        self.tokenizer = components.tokenizers[0]
+        self.text_encoders = components.text_encoders
+        for m in (unet, vae, *self.text_encoders):
             m.requires_grad_(False).eval()
             if m.dtype != weight_dtype:  # loaded in another dtype (from_pretrained loads in weight_dtype)
                 m.to(dtype=weight_dtype)
             m.to(self.device)
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.unet, self.vae, self.text_encoder = unet, vae, self.text_encoders[0]
+        self.resolution = resolution or int(unet.config.sample_size) * self.vae_factor
+        self.text = family.conditioner(components, self.resolution, force_zeros_for_empty_prompt)
         self.base_params = sum(p.numel() for p in unet.parameters())
         self.base_bytes = _nbytes(unet.parameters())
         self.lora_specs = {GENERATOR: generator_lora, FAKE: fake_lora}
@@ -238,8 +212,17 @@ class DMDModel:
         self._uncond = None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None, **kw):
-        return cls(*load_components(path, revision, variant, kw.get("weight_dtype", torch.float32)), **kw)
+    def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
+                        vae: Optional[str] = None, **kw):
+        """Load a teacher of any supported family (refused in one line otherwise); ``vae``: a separately saved VAE
+        (e.g. an fp16-safe SDXL VAE) instead of the pipeline's."""
+        family = detect_family(path, revision)
+        comps = family.load_components(path, revision, variant, kw.get("weight_dtype", torch.float32), vae)
+        return cls(comps, family, force_zeros_for_empty_prompt=family.force_zeros(path, revision), **kw)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _activate(self, name: str) -> None:
         """Route the UNet through adapter ``name``. peft's set_adapter also turns requires_grad off for the
@@ -269,39 +252,39 @@ class DMDModel:
     # ----- text ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP last hidden state, as StableDiffusionPipeline.encode_prompt (truncated to 77 tokens)."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        """The conditioning of ``prompts``, one tensor per sample, as the family's pipeline encodes them (SD: CLIP's
+        last hidden state; SDXL: both encoders, the pooled embedding and time ids packed in)."""
+        return self.text.encode(prompts)
 
     @property
     def uncond_embedding(self) -> torch.Tensor:
-        """The empty-prompt embedding used by CFG, computed once."""
+        """CFG's unconditional conditioning, as the family's pipeline makes it without a negative prompt, computed
+        once."""
         if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
+            self._uncond = self.text.uncond()
         return self._uncond
 
     # ----- the three denoisers ------------------------------------------------------------------
-    def _eps(self, adapter: Optional[str]):
-        def eps_fn(x_t, t, cond):
+    def _predict(self, adapter: Optional[str]):
+        def predict(x_t, t, cond):  # the UNet's raw output (eps or v)
             if adapter is None:
                 self.unet.disable_adapters()
             else:
                 self._activate(adapter)
             try:
                 out = self.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype), t,
-                                encoder_hidden_states=cond).sample
+                                **self.text.unet_kwargs(cond)).sample
             finally:
                 if adapter is None:
                     self.unet.enable_adapters()
             return out.float()
 
-        return eps_fn
+        return predict
 
     def real_denoiser(self, guidance_scale: Optional[float] = None):
         """Teacher x0 with CFG; runs under no_grad always."""
         scale = self.real_guidance_scale if guidance_scale is None else guidance_scale
-        cfg = CFGDenoiser(EpsDenoiser(self._eps(None), self.schedule), scale, self.uncond_embedding)
+        cfg = CFGDenoiser(self._denoiser(None), scale, self.uncond_embedding)
 
         def real(x_t, t, cond):
             with torch.no_grad():
@@ -309,11 +292,14 @@ class DMDModel:
 
         return real
 
+    def _denoiser(self, adapter: Optional[str]) -> PredictionDenoiser:
+        return PredictionDenoiser(self._predict(adapter), self.schedule, self.prediction_type)
+
     def fake_denoiser(self):
-        return EpsDenoiser(self._eps(FAKE), self.schedule)
+        return self._denoiser(FAKE)
 
     def generator_denoiser(self):
-        return EpsDenoiser(self._eps(GENERATOR), self.schedule)
+        return self._denoiser(GENERATOR)
 
     def generate(self, z: torch.Tensor, cond: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
         """x = G(z) = (z - sigma_t eps_gen(z, t, c)) / alpha_t at t = ``timestep`` (default t*): what
@@ -343,13 +329,11 @@ class DMDModel:
     def add_gan_head(self, resolution: int) -> GANHead:
         """Create the discriminator head on the fake score's bottleneck (fp32, on the model's device), sized by a
         probe of the mid block at this latent resolution."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = resolution // vae_factor
+        side = resolution // self.vae_factor
         probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.unet.dtype)
         with torch.no_grad():
             h = unet_bottleneck(self.unet, probe, torch.zeros(1, device=self.device, dtype=torch.long),
-                                torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=self.device,
-                                            dtype=self.unet.dtype))
+                                **self.text.unet_kwargs(self.uncond_embedding))
         self.gan_head = GANHead(h.shape[1], h.shape[-1]).to(self.device)
         return self.gan_head
 
@@ -362,12 +346,12 @@ class DMDModel:
         def disc(x_t, t, cond):
             self._activate(FAKE)
             x = x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype)
-            return head(unet_bottleneck(self.unet, x, t, cond))
+            return head(unet_bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond)))
 
         return disc
 
     # ----- decoding -----------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] with the full VAE (differentiable)."""
-        sf = self.vae.config.scaling_factor
-        return self.vae.decode((latents / sf).to(self.vae.dtype)).sample.float()
+        """Latents -> images in [-1, 1] with the full VAE (differentiable): latents / scaling_factor + shift_factor."""
+        sf, shift = self.vae.config.scaling_factor, getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.decode((latents / sf + shift).to(self.vae.dtype)).sample.float()

@@ -13,15 +13,14 @@ from sd_dmd.errors import PairsError
 
 
 def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revision=None, variant=None):
-    """The plain diffusers pipeline used as the 50-step teacher (PNDM as in the paper, or DDIM)."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    """The plain diffusers pipeline of the teacher's family (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
+    used as the 50-step teacher (PNDM as in the paper, or DDIM), epsilon or v-prediction."""
+    from diffusers import DDIMScheduler, PNDMScheduler
 
-    from sd_dmd.models.shared_unet import check_eps_prediction, check_model_dir
+    from sd_dmd.models.family import check_prediction_type, detect_family
 
-    check_model_dir(path)
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
-                                                   safety_checker=None, requires_safety_checker=False)
-    check_eps_prediction(pipe.scheduler.config, path)
+    pipe = detect_family(path, revision).load_pipeline(path, dtype, revision, variant)
+    check_prediction_type(pipe.scheduler.config, path)
     if scheduler == "pndm":
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     elif scheduler == "ddim":

@@ -85,6 +85,59 @@ def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_chann
     return out
 
 
+def build_tiny_sdxl_pipeline(out_dir: str | Path, *, sample_size: int = 8, text_dim: int = 32,
+                             prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Build and save a small random ``StableDiffusionXLPipeline`` shaped as diffusers' own SDXL tests build one: two
+    CLIP text encoders (the second with a projection: the pooled embedding), a UNet with
+    ``addition_embed_type="text_time"`` (time ids and pooled embedding join the time embedding) and cross-attention
+    on both encoders' hidden states concatenated; EulerDiscrete, SDXL base's scheduler. Latents 4 x sample_size^2,
+    images twice that (a two-level VAE)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_dim + text_dim, cross_attention_dim=2 * text_dim,
+        norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2, scaling_factor=0.13025)
+    cfg = dict(hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+               pad_token_id=49407, projection_dim=text_dim)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), tokenizer=tok,
+                              tokenizer_2=tok, unet=unet, scheduler=scheduler,
+                              force_zeros_for_empty_prompt=True).save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(out / "_tok")
+    return out
+
+
+def build_sdxl_shaped_unet(dtype=torch.bfloat16):
+    """SDXL base's UNet (2.6B parameters) with random weights, from its published config values: for memory and
+    speed benchmarks at SDXL's shape (random weights time and weigh exactly like real ones)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+        projection_class_embeddings_input_dim=2816, cross_attention_dim=2048).to(dtype)
+
+
 def build_sd15_shaped_pipeline(out: str | Path) -> Path:
     """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -15,12 +15,13 @@ from sd_dmd.errors import LatentsError
 
 # ----- the VAE ---------------------------------------------------------------------------------------------------
 def load_vae(path: str, revision: Optional[str] = None, variant: Optional[str] = None,
-             dtype: torch.dtype = torch.float32):
-    """``AutoencoderKL.from_pretrained(path, subfolder="vae")`` (or a VAE directory itself)."""
+             dtype: torch.dtype = torch.float32, root: bool = False):
+    """``AutoencoderKL.from_pretrained(path, subfolder="vae")`` (or a VAE directory itself); ``root``: the VAE is at
+    the top of ``path`` (a separately saved VAE, e.g. an fp16-safe SDXL VAE on the hub)."""
     from diffusers import AutoencoderKL
 
-    p, sub = Path(path), "vae"
-    if p.exists():
+    p, sub = Path(path), None if root else "vae"
+    if p.exists() and not root:
         if not (p / "vae").is_dir():
             if not (p / "config.json").is_file():
                 raise LatentsError(f"{path}: no 'vae/' folder; expected a diffusers pipeline or a VAE directory")

@@ -54,24 +54,23 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     """Load ``model``'s UNet, load ``lora`` (any :func:`sd_dmd.sample.resolve_lora` form) with the rank/alpha saved
     with it, merge it and ``save_pretrained`` a plain UNet at ``out_dir`` (written to ``out_dir.tmp``, then renamed).
     Returns what was fused: source, rank, alpha and where they came from."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from sd_dmd.errors import ModelError
-    from sd_dmd.models.shared_unet import check_model_dir
+    from sd_dmd.models.family import detect_family
     from sd_dmd.models.lora import LoraSource, resolve_lora
 
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
     src = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
-    check_model_dir(model)
+    pipeline_cls = detect_family(model, revision).pipeline_class()  # StableDiffusion(XL)Pipeline
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant).float()
     where = dict(weight_name=src.file.name) if src.file else {}
-    sd, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+    sd, network_alphas, metadata = pipeline_cls.lora_state_dict(
         str(src.file.parent) if src.file else src.ref, return_lora_metadata=True, **where)
     try:  # as StableDiffusionPipeline.load_lora_weights, for the UNet alone
-        StableDiffusionPipeline.load_lora_into_unet(sd, network_alphas, unet, adapter_name=GENERATOR,
-                                                    metadata=metadata)
+        pipeline_cls.load_lora_into_unet(sd, network_alphas, unet, adapter_name=GENERATOR, metadata=metadata)
     except (ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"{src}: does not fit the UNet of {model} ({type(e).__name__}: {str(e)[:200]})") from None
     if GENERATOR not in getattr(unet, "peft_config", {}):

@@ -97,13 +97,13 @@ def base_license(model: str, base: Optional[str]) -> dict:
     return {"license": lic} if lic else {}
 
 
-def card_metadata(model: str, base: Optional[str], steps: int) -> str:
+def card_metadata(model: str, base: Optional[str], steps: int, pipeline: str = "StableDiffusionPipeline") -> str:
     """The card's YAML block (between the ``---`` lines): base model (:func:`base_model_id`), license, library and
     pipeline, tags."""
     from huggingface_hub import ModelCardData
 
-    tags = ["lora", "text-to-image", "diffusers", "stable-diffusion", "one-step" if steps == 1 else "few-step",
-            "dmd", "sd_dmd"]
+    family = "stable-diffusion-xl" if "XL" in pipeline else "stable-diffusion"
+    tags = ["lora", "text-to-image", "diffusers", family, "one-step" if steps == 1 else "few-step", "dmd", "sd_dmd"]
     return ModelCardData(base_model=base, library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
                          **base_license(model, base)).to_yaml()
 
@@ -118,8 +118,9 @@ def curve_rows(history: list[dict], keys) -> list[str]:
             for step, h in pick.items()]
 
 
-def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool) -> None:
-    """``final/README.md``: teacher, timesteps, settings, curve summary, and how to load both LoRA files."""
+def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool,
+                     pipeline: str = "StableDiffusionPipeline") -> None:
+    """``final/README.md``: teacher, timesteps, settings, curves, and how to load both LoRA files in ``pipeline``."""
     keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
     notes = [h["note"] for h in history if "note" in h]
     rows = curve_rows([h for h in history if "note" not in h], keys)
@@ -134,7 +135,7 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
            f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
     text = f"""---
-{card_metadata(model, base, steps)}
+{card_metadata(model, base, steps, pipeline)}
 ---
 # One-step DMD LoRA for `{base or Path(model).name}`
 
@@ -167,9 +168,9 @@ diffusers (this folder holds `pytorch_lora_weights.safetensors` with its adapter
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline, LCMScheduler
+from diffusers import {pipeline}, LCMScheduler
 
-pipe = StableDiffusionPipeline.from_pretrained("{model}", dtype=torch.float16).to("cuda")
+pipe = {pipeline}.from_pretrained("{model}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("path/to/this/folder")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{lcm_kw})
 image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]

@@ -27,15 +27,17 @@ from sd_dmd.models.lora import LoraSource, resolve_lora
 def one_step_pipeline(model: str, lora: str | LoraSource | None = None, scheduler: str = "lcm", dtype=torch.float32,
                       device: str = "cpu", revision: str | None = None, variant: str | None = None,
                       fuse: bool = False, channels_last: bool = False):
-    """A ``StableDiffusionPipeline`` set up for one-step sampling with the LoRA loaded (any :func:`resolve_lora` form).
+    """The teacher family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) set up for one-step
+    sampling with the LoRA loaded (any :func:`resolve_lora` form).
 
     ``fuse`` merges the LoRA into the UNet weights (no LoRA branches at run time) and ``channels_last`` changes the
     UNet/VAE memory format: the two speed-ups that ``benchmarks/latency.py`` measured and kept (docs/BENCHMARKS.md).
     """
-    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, LCMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, revision=revision, variant=variant,
-                                                   safety_checker=None, requires_safety_checker=False)
+    from sd_dmd.models.family import detect_family
+
+    pipe = detect_family(model, revision).load_pipeline(model, dtype, revision, variant)
     if lora is not None:
         load_lora(pipe, lora)
     if scheduler == "lcm":
@@ -119,7 +121,12 @@ def one_step_generate(pipe, prompt: str | list[str], *, latents: torch.Tensor | 
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    from diffusers import StableDiffusionXLPipeline
+
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if isinstance(pipe, StableDiffusionXLPipeline):  # its added conditions: the pipeline's own call
+        return pipe(prompts, latents=latents, generator=generator, output_type=output_type,
+                    **one_step_call_kwargs(pipe, conditioning_timestep)).images
     unet = pipe.unet
     # diffusers' ``_execution_device`` walks every module looking for offload hooks (7.8 ms per call for the
     # digits model with a LoRA, on CPU): ask the UNet unless accelerate's offloading hooks are in place
@@ -133,8 +140,9 @@ def one_step_generate(pipe, prompt: str | list[str], *, latents: torch.Tensor | 
 
     z = latents.to(device, emb.dtype)
     t = torch.full((z.shape[0],), conditioning_timestep, device=device)
-    eps = unet(z, t, encoder_hidden_states=emb).sample
-    x0 = NoiseSchedule.from_scheduler(pipe.scheduler).eps_to_x0(z, eps, t).to(z.dtype)
+    out = unet(z, t, encoder_hidden_states=emb).sample
+    x0 = NoiseSchedule.from_scheduler(pipe.scheduler).to_x0(
+        z, out, t, pipe.scheduler.config.get("prediction_type", "epsilon")).to(z.dtype)
     if output_type == "latent":
         return x0
     image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample

@@ -61,7 +61,7 @@ def export_final(t) -> Path:
         t.ema.restore(t.gen_params)
     if grid is not None:  # inside final/, so the folder can be copied or uploaded as it is
         shutil.copyfile(grid, final / "samples.png")
-    write_model_card(t.cfg, final, t.history, grid is not None)
+    write_model_card(t.cfg, final, t.history, grid is not None, t.model.family.pipeline)
     from sd_dmd.outputs.report import save_final_curves  # final/curves.png, final/history.json (sd_dmd.report)
 
     save_final_curves(final, t.history, t.log)

@@ -73,9 +73,9 @@ def load_model(cfg: Config, device) -> tuple[DMDModel, tuple[int, int, int]]:
         generator_lora=LoraSpec(cfg.lora.generator.rank, cfg.lora.generator.alpha, tuple(cfg.lora.generator.targets)),
         fake_lora=LoraSpec(cfg.lora.fake.rank, cfg.lora.fake.alpha, tuple(cfg.lora.fake.targets)),
         conditioning_timestep=cfg.dmd.conditioning_timestep, real_guidance_scale=cfg.dmd.real_guidance_scale,
-        gradient_checkpointing=cfg.train.gradient_checkpointing)
+        gradient_checkpointing=cfg.train.gradient_checkpointing, resolution=cfg.model.resolution, vae=cfg.model.vae)
     m.generator_timesteps = list(cfg.dmd.generator_timesteps)
-    vae_factor = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    vae_factor = m.vae_factor
     if cfg.model.resolution % vae_factor:
         raise ConfigError(f"model.resolution: {cfg.model.resolution} is not a multiple of the VAE factor {vae_factor}")
     side = cfg.model.resolution // vae_factor

@@ -18,7 +18,10 @@ class ModelConfig:
     weight_dtype: Literal["auto", "fp32", "fp16", "bf16"] = field(
         "auto", "dtype of the frozen base weights (LoRA stays fp32); auto: the autocast dtype, fp32 without autocast. "
                 "Half-precision weights need autocast (train.mixed_precision)")
-    resolution: int = field(512, "training resolution in pixels (latents are resolution / VAE factor)")
+    resolution: int = field(512, "training resolution in pixels (latents are resolution / VAE factor; SDXL: 1024, "
+                                 "also its time ids' sizes)")
+    vae: Optional[str] = field(None, "a separately saved VAE instead of the model's vae/ (e.g. an fp16-safe SDXL VAE; "
+                                     "the real-latent store must be encoded with the same one: encode_images --vae)")
 
 
 @dataclass
@@ -48,8 +51,9 @@ class DMDConfig:
         "x0 (below, its boundary condition mixes in x_t)"))
     fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
     dm_weight: float = field(1.0, "weight of the distribution-matching loss")
-    fake_loss_weighting: Literal["eps", "snr+1"] = field(
-        "eps", "fake-score loss: eps-MSE (SD's, DMD's) or snr+1 (v-prediction weighting, learns high noise)")
+    fake_loss_weighting: Literal["auto", "eps", "snr+1", "v"] = field(
+        "auto", "fake-score loss: auto = the teacher's own (eps-MSE for eps teachers, SD's and DMD's; v-MSE for "
+                "v-prediction ones), eps, or snr+1 = v (v-MSE: weights high noise more, learns it)")
 
 
 @dataclass

@@ -1,0 +1,241 @@
+"""Teacher families: what differs between SD 1.x/2.x and SDXL teachers, in one small object each.
+
+A family says how a teacher is loaded (its pipeline class and components), how prompts become conditioning, how the
+UNet is called with it, and which pipeline pairs, sampling, evaluation and export use. Everything else (the losses,
+the training step, the store) is the same for every family: the losses take denoiser callables, and the conditioning
+travels between them as **one tensor per sample** (:class:`SDXLText` packs SDXL's pooled embedding and time ids into
+extra rows after the text tokens, so batching, CFG's concatenation and micro-batch splits need no family code).
+
+The prediction type (epsilon or v) is not a family: both SD 1.x/2.x and SDXL teachers can have either, and
+:class:`~sd_dmd.core.denoisers.PredictionDenoiser` converts each to x0.
+
+Families: ``sd`` (``StableDiffusionPipeline``: SD 1.x, SD 2.x base and 768-v) and ``sdxl``
+(``StableDiffusionXLPipeline``). Anything else is refused before anything is written (:func:`detect_family`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sd_dmd.errors import ModelError
+
+SUPPORTED = ("SD 1.x/2.x (StableDiffusionPipeline, epsilon or v-prediction) and SDXL (StableDiffusionXLPipeline, "
+             "epsilon or v-prediction)")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class Components:
+    """A teacher's parts, as its pipeline holds them."""
+
+    unet: object
+    vae: object
+    text_encoders: list  # one (SD) or two (SDXL), in the pipeline's order
+    tokenizers: list
+    scheduler: object
+
+
+# ----- conditioning: prompts -> one tensor per sample, and back to the UNet's keyword arguments --------------------
+class SDText:
+    """SD 1.x/2.x: the text encoder's last hidden state, as ``StableDiffusionPipeline.encode_prompt`` (77 tokens);
+    CFG's unconditional branch is the encoding of ""."""
+
+    def __init__(self, text_encoders: list, tokenizers: list):
+        self.text_encoder, self.tokenizer = text_encoders[0], tokenizers[0]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def uncond(self) -> torch.Tensor:
+        return self.encode([""])
+
+    @staticmethod
+    def unet_kwargs(cond: torch.Tensor) -> dict:
+        return {"encoder_hidden_states": cond}
+
+
+def _time_ids(resolution: int) -> list[float]:
+    """SDXL's micro-conditioning for a square ``resolution`` image with no crop: original size + crop's top-left +
+    target size, as ``StableDiffusionXLPipeline._get_add_time_ids`` with its defaults (height, width, (0, 0))."""
+    return [resolution, resolution, 0, 0, resolution, resolution]
+
+
+class SDXLText:
+    """SDXL: both encoders' penultimate hidden states concatenated, ``text_encoder_2``'s pooled (projected) output and
+    the six ``time_ids``, exactly as ``StableDiffusionXLPipeline.encode_prompt`` and ``__call__`` build them.
+
+    The unconditional branch is what the pipeline uses without a negative prompt: zeros for the embeddings and the
+    pooled embedding when ``force_zeros_for_empty_prompt`` (SDXL base), else the encoding of "", with the same
+    time ids. The three travel as one tensor (B, 77 + k, D): the text tokens, then ``k`` rows holding the pooled
+    embedding and the time ids (zero-padded), so every batch operation of the trainer works on it unchanged."""
+
+    def __init__(self, text_encoders: list, tokenizers: list, resolution: int, force_zeros: bool = True):
+        self.text_encoders, self.tokenizers = text_encoders, tokenizers
+        self.time_ids = _time_ids(resolution)
+        self.force_zeros = force_zeros
+        self.pooled_dim = text_encoders[-1].config.projection_dim
+        self.width = sum(te.config.hidden_size for te in text_encoders)
+        self.extra_rows = math.ceil((self.pooled_dim + len(self.time_ids)) / self.width)
+
+    def pack(self, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        b = embeds.shape[0]
+        ids = torch.tensor(self.time_ids, dtype=embeds.dtype, device=embeds.device).expand(b, -1)
+        extra = torch.cat([pooled.to(embeds.dtype), ids], dim=1)
+        extra = torch.nn.functional.pad(extra, (0, self.extra_rows * self.width - extra.shape[1]))
+        return torch.cat([embeds, extra.view(b, self.extra_rows, self.width)], dim=1)
+
+    def unet_kwargs(self, cond: torch.Tensor) -> dict:
+        n = self.pooled_dim + len(self.time_ids)
+        extra = cond[:, -self.extra_rows:].reshape(cond.shape[0], -1)[:, :n]
+        return {"encoder_hidden_states": cond[:, :-self.extra_rows],
+                "added_cond_kwargs": {"text_embeds": extra[:, :self.pooled_dim], "time_ids": extra[:, self.pooled_dim:]}}
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]):
+        hidden, pooled = [], None
+        for tok, te in zip(self.tokenizers, self.text_encoders):
+            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(te.device)
+            out = te(ids, output_hidden_states=True)
+            if out[0].ndim == 2:  # the projected pooled output of CLIPTextModelWithProjection
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.pack(*self._encode(prompts))
+
+    def uncond(self) -> torch.Tensor:
+        embeds, pooled = self._encode([""])
+        if self.force_zeros:
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return self.pack(embeds, pooled)
+
+
+# ----- the families ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd" or "sdxl"
+    pipeline: str  # the diffusers pipeline class
+    text_encoders: tuple  # (folder, transformers class) per text encoder, in the pipeline's order
+    tokenizers: tuple  # tokenizer folders
+    default_resolution: int  # the resolution the family's teachers are made for (the UNet's sample_size decides)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+    def from_pretrained_kwargs(self) -> dict:
+        """Extra ``from_pretrained`` arguments of the family's pipeline (no safety checker for SD)."""
+        return {"safety_checker": None, "requires_safety_checker": False} if self.name == "sd" else {}
+
+    def load_pipeline(self, path: str, dtype=None, revision=None, variant=None, **kw):
+        return self.pipeline_class().from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
+                                                     **self.from_pretrained_kwargs(), **kw)
+
+    def load_components(self, path: str, revision=None, variant=None, dtype=None, vae: Optional[str] = None):
+        """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM scheduler with the teacher's schedule, each in
+        ``dtype`` as loaded (``dtype=``, not a cast afterwards); ``vae``: a separately saved VAE (at its root)."""
+        from sd_dmd.models.vae import load_vae
+
+        import transformers
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        kw = dict(revision=revision)
+        weights = dict(kw, variant=variant, dtype=dtype)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        check_prediction_type(scheduler.config, path)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        vae = (load_vae(vae, dtype=dtype, root=True) if vae else
+               AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
+        encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **weights)
+                    for sub, cls in self.text_encoders]
+        tokenizers = [transformers.CLIPTokenizer.from_pretrained(path, subfolder=sub, **kw) for sub in self.tokenizers]
+        return Components(unet, vae, encoders, tokenizers, scheduler)
+
+    def conditioner(self, components: Components, resolution: int, force_zeros: bool = True):
+        if self.name == "sdxl":
+            return SDXLText(components.text_encoders, components.tokenizers, resolution, force_zeros)
+        return SDText(components.text_encoders, components.tokenizers)
+
+    @staticmethod
+    def force_zeros(path: str, revision=None) -> bool:
+        """The pipeline's ``force_zeros_for_empty_prompt`` (SDXL base: true): CFG's unconditional branch is zeros."""
+        return bool(model_index(path, revision).get("force_zeros_for_empty_prompt", True))
+
+    def folders(self) -> tuple:
+        return ("unet", "vae", "scheduler") + tuple(s for s, _ in self.text_encoders) + self.tokenizers
+
+
+SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",), 512)
+SDXL = Family("sdxl", "StableDiffusionXLPipeline",
+              (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
+              ("tokenizer", "tokenizer_2"), 1024)
+FAMILIES = {SD.pipeline: SD, SDXL.pipeline: SDXL}
+
+
+def model_index(path: str, revision: Optional[str] = None) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        f = p / "model_index.json"
+        if not f.is_file():
+            missing = [s for s in SD.folders() if not (p / s).is_dir()]
+            raise ModelError(f"{path}: no model_index.json" + (f" and no '{missing[0]}/' folder" if missing else "") +
+                             "; expected a diffusers pipeline directory")
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{f}: not valid JSON ({e})") from None
+    if p.exists():
+        raise ModelError(f"{path}: not a directory (expected a diffusers pipeline)")
+    if path.startswith((".", "/")) or path.count("/") > 1:
+        raise ModelError(f"{path}: no such model directory")
+    try:  # a hub id: its model_index.json only (cached, or fetched when online)
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
+    except Exception as e:  # offline and not cached, no such repo...
+        raise ModelError(f"{path}: cannot read its model_index.json ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+
+
+def detect_family(path: str, revision: Optional[str] = None) -> Family:
+    """The family of the pipeline at ``path`` (a directory or hub id), from its ``model_index.json``; another
+    pipeline (SD3, Flux, PixArt, a DiT...) or a missing folder is refused in one line naming its classes."""
+    index = model_index(path, revision)
+    cls = index.get("_class_name", "?")
+    family = FAMILIES.get(cls)
+    if family is None:
+        net = next((f"{k}: {v[1]}" for k in ("unet", "transformer", "prior") if isinstance(v := index.get(k), list)
+                    and len(v) > 1), "no UNet")
+        raise ModelError(f"{path}: a {cls} ({net}) is not supported; supported teacher families: {SUPPORTED}")
+    if Path(path).is_dir():
+        missing = [s for s in family.folders() if not (Path(path) / s).is_dir()]
+        if missing:
+            raise ModelError(f"{path}: no '{missing[0]}/' folder; a {cls} needs {', '.join(family.folders())}")
+    return family
+
+
+def check_prediction_type(scheduler_config, path: str) -> str:
+    """The teacher's prediction type (epsilon or v_prediction); another (``sample``...) is refused."""
+    pred = scheduler_config.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; supported: {', '.join(PREDICTION_TYPES)}")
+    return pred
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline (its class, or the SDXL one it derives from)."""
+    for family in (SDXL, SD):
+        if isinstance(pipe, family.pipeline_class()):
+            return family
+    raise ModelError(f"a {type(pipe).__name__} is not supported; supported teacher families: {SUPPORTED}")
