@@ -55,8 +55,8 @@ def test_local_dir_that_is_not_a_pipeline(in_tmp):
     (in_tmp / "p.txt").write_text("a cat\n")
     base = ["--data.prompts", "p.txt", "--regression.loss", "none"]
     p = find_problems(_cfg("tiny.yaml", "--model.pretrained_model_name_or_path", "m", *base))
-    assert p == ["model.pretrained_model_name_or_path: m: missing vae/, text_encoder/, tokenizer/, scheduler/ (not a "
-                 "diffusers Stable Diffusion pipeline); pass --model.pretrained_model_name_or_path DIR_OR_HUB_ID"]
+    assert p == ["model.pretrained_model_name_or_path: m: missing vae/, scheduler/, text_encoder/, tokenizer/ and no "
+                 "model_index.json (not a diffusers pipeline); pass --model.pretrained_model_name_or_path DIR_OR_HUB_ID"]
     p = find_problems(_cfg("tiny.yaml", "--model.pretrained_model_name_or_path", "f.bin", *base))
     assert len(p) == 1 and "f.bin is a file" in p[0]
     p = find_problems(_cfg("tiny.yaml", "--model.pretrained_model_name_or_path", "tiny_pipe", *base))

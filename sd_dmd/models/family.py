@@ -189,8 +189,8 @@ def model_index(path: str, revision: Optional[str] = None) -> dict:
         f = p / "model_index.json"
         if not f.is_file():
             missing = [s for s in SD.folders() if not (p / s).is_dir()]
-            raise ModelError(f"{path}: no model_index.json" + (f" and no '{missing[0]}/' folder" if missing else "") +
-                             "; expected a diffusers pipeline directory")
+            raise ModelError(f"{path}: " + (f"missing {'/, '.join(missing)}/ and " if missing else "") +
+                             "no model_index.json (not a diffusers pipeline)")
         try:
             return json.loads(f.read_text())
         except json.JSONDecodeError as e:
@@ -221,7 +221,7 @@ def detect_family(path: str, revision: Optional[str] = None) -> Family:
     if Path(path).is_dir():
         missing = [s for s in family.folders() if not (Path(path) / s).is_dir()]
         if missing:
-            raise ModelError(f"{path}: no '{missing[0]}/' folder; a {cls} needs {', '.join(family.folders())}")
+            raise ModelError(f"{path}: missing {'/, '.join(missing)}/ (a {cls} needs {'/, '.join(family.folders())}/)")
     return family
 
 

@@ -87,8 +87,15 @@ def model_problem(key: str, name: str, marker: str, revision: Optional[str] = No
 
 
 def _sd_pipeline_dir(p: Path) -> Optional[str]:
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (p / sub).is_dir()]
-    return f"missing {'/, '.join(missing)}/ (not a diffusers Stable Diffusion pipeline)" if missing else None
+    """Why the directory is no pipeline of a supported teacher family (its model_index.json, its folders), or None."""
+    from sd_dmd.errors import ModelError
+    from sd_dmd.models.family import detect_family
+
+    try:
+        detect_family(str(p))
+    except ModelError as e:
+        return str(e).removeprefix(f"{p}: ")
+    return None
 
 
 # torchvision's ImageNet weights that lpips.LPIPS(pretrained=True, pnet_rand=False) loads for its backbone

@@ -1,0 +1,270 @@
+"""Teachers beyond SD1.5 (issue 28): a tiny SDXL pipeline (two CLIP encoders, the second with a projection,
+``addition_embed_type="text_time"``, built as diffusers' own SDXL tests build one) and a tiny v-prediction SD
+pipeline, through the round trips SD1.5 has: the real score against the plain pipeline's guided x0, one- and
+four-step LoRAs in a fresh pipeline against the trainer's samples, the kohya file under ComfyUI's key rule, pairs ->
+training with and without the GAN -> resume -> export, and only the stepped adapter learning."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from sd_dmd.errors import ModelError
+from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel, LoraSpec
+
+PROMPTS = ["a red cube", "two cats on a sofa"]
+FAMILIES = ["sdxl", "v"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(kind, tmp_path_factory):
+    from sd_dmd.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+    out = tmp_path_factory.mktemp(kind) / "pipe"
+    if kind == "sdxl":
+        return str(build_tiny_sdxl_pipeline(out))
+    return str(build_tiny_pipeline(out, prediction_type="v_prediction"))
+
+
+def _model(pipe_dir, **kw):
+    return DMDModel.from_pretrained(pipe_dir, generator_lora=LoraSpec(rank=4, alpha=8.0),
+                                    fake_lora=LoraSpec(rank=4, alpha=4.0), real_guidance_scale=3.0, **kw)
+
+
+def _randomize(m, name, scale=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(m.adapter_named_parameters(name).items()):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _z(seed=0):
+    return torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_family_and_prediction_type_are_read(kind, pipe_dir):
+    m = _model(pipe_dir)
+    assert (m.family.name, m.prediction_type) == (("sdxl", "epsilon") if kind == "sdxl" else ("sd", "v_prediction"))
+
+
+def test_real_denoiser_equals_the_plain_pipelines_guided_x0(kind, pipe_dir):
+    """One DDIM step from t = 999 to alpha = 1 (trailing spacing, set_alpha_to_one) returns the pipeline's guided x0
+    itself: with SDXL its two encoders, pooled embedding, time ids and zeroed unconditional branch; with v its x0."""
+    from diffusers import DDIMScheduler
+
+    from sd_dmd.models.family import detect_family
+
+    m = _model(pipe_dir)
+    fam = detect_family(pipe_dir)
+    pipe = fam.load_pipeline(pipe_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=True, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    z = _z(1)
+    want = pipe(PROMPTS, latents=z.clone(), num_inference_steps=1, guidance_scale=3.0, height=16, width=16,
+                output_type="latent").images
+    got = m.real_denoiser()(z, torch.full((2,), 999), m.encode_prompts(PROMPTS))
+    # x0 at t = 999 is (x_t - sigma eps) / alpha with alpha = 0.068: |x0| ~ 20 here, so fp32 rounding alone is
+    # ~1e-5 absolute; the bound is 1e-5 per unit of the x0's magnitude
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    # the check can fail: another guidance, or SDXL's "" encoding instead of zeros, is another x0
+    assert (m.real_denoiser(1.0)(z, torch.full((2,), 999), m.encode_prompts(PROMPTS)) - want).abs().max() > 1e-4
+    if kind == "sdxl":
+        assert torch.equal(m.uncond_embedding[:, :-1], torch.zeros_like(m.uncond_embedding[:, :-1]))
+
+
+@pytest.mark.parametrize("timesteps", [[999], [999, 749, 499, 249]])
+def test_one_and_four_step_loras_in_a_fresh_pipeline_reproduce_the_trainers_samples(pipe_dir, tmp_path, timesteps):
+    from sd_dmd.models.lora import save_lora
+    from sd_dmd.outputs.sample import call_kwargs, one_step_pipeline
+
+    m = _model(pipe_dir)
+    _randomize(m, GENERATOR, seed=3)
+    m.generator_timesteps = timesteps
+    save_lora(m, tmp_path / "lora")
+    z = _z()
+    ref = m.sample(z, m.encode_prompts(PROMPTS), timesteps, torch.Generator().manual_seed(7))
+    pipe = one_step_pipeline(pipe_dir, str(tmp_path / "lora"))
+    out = pipe(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+               height=16, width=16, **call_kwargs(pipe, timesteps)).images
+    assert (out - ref).abs().max().item() <= 1e-4
+    base = one_step_pipeline(pipe_dir, None)  # the check can fail: without the LoRA it is another sample
+    out0 = base(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+                height=16, width=16, **call_kwargs(base, timesteps)).images
+    assert (out0 - ref).abs().max().item() > 1e-3
+
+
+def test_kohya_file_follows_comfyuis_key_rule_and_loads_in_diffusers(pipe_dir, tmp_path):
+    """ComfyUI (comfy/lora.py, model_lora_keys_unet) maps ``lora_unet_`` + a diffusers UNet weight's module path with
+    dots as underscores to that weight, for SD and SDXL UNets alike: every module of the file must be one of those,
+    with down/up shapes that fit it and its alpha."""
+    from sd_dmd.models.lora import export_kohya
+    from sd_dmd.outputs.sample import one_step_call_kwargs, one_step_pipeline
+
+    m = _model(pipe_dir)
+    _randomize(m, GENERATOR, seed=7)
+    path = export_kohya(m, tmp_path / "kohya" / "lora.safetensors")
+    weights = {n.removesuffix(".base_layer.weight").removesuffix(".weight"): p
+               for n, p in m.unet.named_parameters() if "lora_" not in n and n.endswith("weight")}
+    comfy = {"lora_unet_" + k.replace(".", "_"): k for k in weights}
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        modules = {k.split(".", 1)[0] for k in keys}
+        assert modules and modules <= comfy.keys(), sorted(modules - comfy.keys())[:3]
+        for mod in modules:
+            down, up = f.get_tensor(f"{mod}.lora_down.weight"), f.get_tensor(f"{mod}.lora_up.weight")
+            w = weights[comfy[mod]]
+            assert (up.shape[0], down.shape[1]) == (w.shape[0], w.shape[1]) and f.get_tensor(f"{mod}.alpha") == 8.0
+    assert len(modules) == len({n.split(".lora_A")[0] for n in m.adapter_named_parameters(GENERATOR) if ".lora_A" in n})
+    z = _z(4)
+    ref = m.generate(z, m.encode_prompts(PROMPTS)).detach()
+    pipe = one_step_pipeline(pipe_dir, None)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    out = pipe(PROMPTS, latents=z.clone(), output_type="latent", height=16, width=16,
+               **one_step_call_kwargs(pipe)).images
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def inputs(pipe_dir, tmp_path_factory):
+    """Prompts, 8 pairs from the 3-step teacher and 8 encoded random images with captions."""
+    from PIL import Image
+
+    import generate_pairs
+    from sd_dmd import encode_images
+
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS + ["a blue sphere", "the number seven"]) + "\n")
+    generate_pairs.main(["--prompts", str(d / "prompts.txt"), "--pretrained_model_name_or_path", pipe_dir,
+                         "--output_dir", str(d / "pairs"), "--resolution", "16", "--num_inference_steps", "3",
+                         "--num_pairs", "8"])
+    rng = np.random.default_rng(0)
+    (d / "img").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / "img" / f"{i}.png")
+        (d / "img" / f"{i}.txt").write_text(PROMPTS[i % 2])
+    encode_images.main(["--images", str(d / "img"), "--pretrained_model_name_or_path", pipe_dir,
+                        "--output_dir", str(d / "real"), "--resolution", "16"])
+    return {"prompts": str(d / "prompts.txt"), "pairs": str(d / "pairs"), "real": str(d / "real"), "dir": d}
+
+
+def test_pairs_are_the_plain_pipelines_latents(pipe_dir, inputs):
+    from sd_dmd.data.pairs import PairsStore
+    from sd_dmd.models.teacher import teacher_latents, teacher_pipeline
+
+    z, got, prompts = PairsStore(inputs["pairs"]).batch([0, 1], verify=True)
+    pipe = teacher_pipeline(pipe_dir, "pndm", torch.float32, "cpu")
+    want = teacher_latents(pipe, list(prompts), z, 3, 3.0, 16)
+    assert (got - want).abs().max().item() <= 2e-3 * max(1.0, want.abs().max().item())  # fp16 storage
+
+
+def _train_argv(pipe_dir, inputs, out, *extra):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return ["--config", str(root / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", pipe_dir,
+            "--regression.pairs_dir", inputs["pairs"], "--data.prompts", inputs["prompts"], "--output_dir", str(out),
+            *extra]
+
+
+def test_pairs_training_with_and_without_the_gan_resume_and_export(pipe_dir, inputs, tmp_path):
+    from sd_dmd.config import load_config
+    from sd_dmd.outputs.export import fuse_lora_into_unet
+    from sd_dmd.outputs.sample import call_kwargs, one_step_pipeline
+    from sd_dmd.training.config import Config
+    from sd_dmd.training.loop import train
+
+    def cfg(out, *extra):
+        return load_config(Config, _train_argv(pipe_dir, inputs, out, *extra))[0]
+
+    plain = train(cfg(tmp_path / "plain", "--train.max_steps", "2"))
+    assert (tmp_path / "plain" / "final" / "lora_kohya.safetensors").is_file()
+    gan = ("--gan.real_latents", inputs["real"], "--gan.generator_weight", "0.1", "--gan.discriminator_weight", "0.1",
+           "--dmd.generator_timesteps", "999", "499")
+    straight = train(cfg(tmp_path / "a", *gan))
+    train(cfg(tmp_path / "b", *gan, "--train.max_steps", "2"))
+    resumed = train(cfg(tmp_path / "b", *gan), resume=True)
+    assert {"loss_gan_generator", "loss_gan_discriminator"} <= set(resumed.history[-1])
+    for name in (GENERATOR, FAKE):
+        a, b = straight.model.adapter_named_parameters(name), resumed.model.adapter_named_parameters(name)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any((p - q).abs().max() > 1e-6 for p, q in zip(plain.model.adapter_parameters(GENERATOR),
+                                                         resumed.model.adapter_parameters(GENERATOR)))
+    info = fuse_lora_into_unet(pipe_dir, str(tmp_path / "b"), tmp_path / "fused")
+    assert info["timesteps"] == [999, 499]
+    card = (tmp_path / "b" / "final" / "README.md").read_text()
+    assert resumed.model.family.pipeline + ".from_pretrained" in card
+    pipe = one_step_pipeline(pipe_dir, str(tmp_path / "b"))
+    from diffusers import UNet2DConditionModel
+
+    fused = one_step_pipeline(pipe_dir, None)
+    fused.unet = UNet2DConditionModel.from_pretrained(tmp_path / "fused")
+    kw = dict(latents=_z(), output_type="latent", height=16, width=16, **call_kwargs(pipe, [999, 499]))
+    a = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), **kw).images
+    b = fused(PROMPTS, generator=torch.Generator().manual_seed(1), **kw).images
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_only_the_stepped_adapter_learns(pipe_dir, inputs, ckpt):
+    """Regression + GAN + backward simulation with TTUR 2 on the family's UNet: G's turns move G only, the fake
+    turns the fake LoRA and the head; base weights and every text encoder stay as they were."""
+    from accelerate import Accelerator
+    from test_correctness import _frozen_snapshot, configure, watch_turns
+
+    from sd_dmd.config import load_config
+    from sd_dmd.training.config import Config
+    from sd_dmd.training.loop import Trainer
+
+    argv = _train_argv(pipe_dir, inputs, inputs["dir"] / "unused", "--optim.max_grad_norm", "0",
+                       "--gan.real_latents", inputs["real"], "--gan.generator_weight", "0.1",
+                       "--gan.discriminator_weight", "0.1", "--dmd.generator_timesteps", "999", "499",
+                       "--train.gradient_checkpointing", str(ckpt).lower())
+    torch.manual_seed(0)
+    t = Trainer(load_config(Config, argv)[0], Accelerator(mixed_precision="no"), log=lambda *a, **k: None)
+    frozen = _frozen_snapshot(t)
+    texts = [{n: p.detach().clone() for n, p in te.named_parameters()} for te in t.model.text_encoders]
+    seen = watch_turns(t)
+    configure(t, 2, 1, 2)
+    before = {name: [p.detach().clone() for p in t.model.adapter_parameters(name)] for name in (GENERATOR, FAKE)}
+    for _ in range(2):
+        stats, applied = t.train_step()
+        t.step += 1
+        assert applied, stats
+    assert seen == {"g": 2, "f": 4}
+    for name, old in before.items():  # both adapters did train: the checks in watch_turns can fail
+        assert any(not torch.equal(a, b) for a, b in zip(old, t.model.adapter_parameters(name))), name
+    after = _frozen_snapshot(t)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    for te, snap in zip(t.model.text_encoders, texts):
+        assert all(torch.equal(p, snap[n]) and p.grad is None for n, p in te.named_parameters())
+
+
+def test_other_pipelines_are_refused_in_one_line(tmp_path, capsys):
+    """An SD3/Flux/PixArt-style pipeline directory is refused before anything is written, naming its classes."""
+    from conftest import assert_one_line_error
+
+    import train_text2image
+
+    d = tmp_path / "flux"
+    d.mkdir()
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                    "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(ModelError, match="a FluxPipeline \\(transformer: FluxTransformer2DModel\\) is not supported"):
+        DMDModel.from_pretrained(str(d))
+    out = tmp_path / "run"
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert_one_line_error(train_text2image.main, ["--config", "configs/tiny.yaml", "--model.pretrained_model_name_or_path",
+                                                  str(d), "--output_dir", str(out), "--regression.loss", "none",
+                                                  "--data.prompts", str(tmp_path / "p.txt")],
+                          capsys, "FluxPipeline (transformer: FluxTransformer2DModel) is not supported; supported "
+                                  "teacher families: SD 1.x/2.x")
+    assert not out.exists()
+    shutil.rmtree(d)
