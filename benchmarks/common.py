@@ -34,8 +34,9 @@ def time_call(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
-    """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 (SD1.5-shaped, random weights)."""
-    from sd_dmd.models.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+    """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 | sdxl (SD1.5- and SDXL-base-shaped,
+    random weights)."""
+    from sd_dmd.models.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline
 
     if kind == "tiny":
         return str(build_tiny_pipeline(tmp / "tiny")), 16
@@ -48,6 +49,12 @@ def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
         return str(TEACHER_DIR), 32
     if kind == "sd15":
         return str(build_sd15_shaped_pipeline(tmp / "sd15")), 512
+    if kind == "tiny_sdxl":
+        from sd_dmd.models.tiny import build_tiny_sdxl_pipeline
+
+        return str(build_tiny_sdxl_pipeline(tmp / "tiny_sdxl")), 16
+    if kind == "sdxl":
+        return str(build_sdxl_shaped_pipeline(tmp / "sdxl")), 1024
     raise ValueError(f"unknown model kind {kind}")
 
 

@@ -93,10 +93,13 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
     root = Path(__file__).resolve().parents[1] / "configs"
     cfgs = {p.stem: load_config(Config, ["--config", str(p)])[0] for p in sorted(root.glob("*.yaml"))}
     assert {"digits", "digits_dmd2", "digits_dmd2_gan", "digits_dmd2_4step", "sd15_dmd", "sd15_dmd2",
-            "sd15_dmd2_gan", "sd15_dmd2_4step", "tiny"} <= cfgs.keys()
-    for name, c in cfgs.items():
-        assert bool(c.gan.real_latents) == ("gan" in name or "4step" in name), name
+            "sd15_dmd2_gan", "sd15_dmd2_4step", "sdxl_dmd2", "sdxl_dmd2_4step", "tiny"} <= cfgs.keys()
+    for name, c in cfgs.items():  # DMD2's SDXL runs both have the GAN
+        assert bool(c.gan.real_latents) == ("gan" in name or "4step" in name or "sdxl" in name), name
         assert len(c.dmd.generator_timesteps) == (4 if "4step" in name else 1), name
-        if "dmd2" in name:
-            assert c.regression.loss == "none" and c.dmd.fake_updates_per_step > 1, name
+        if "dmd2" in name:  # sdxl_dmd2 keeps DMD2's regression pre-training of its one-step SDXL, in the same run
+            assert (c.regression.loss == "none") != (name == "sdxl_dmd2") and c.dmd.fake_updates_per_step > 1, name
+        if "sdxl" in name:
+            assert c.model.resolution == 1024 and c.gan.generator_weight == 5e-3 and c.dmd.real_guidance_scale == 8
+    assert cfgs["sdxl_dmd2"].dmd.generator_timesteps == [399]
     assert cfgs["sd15_dmd2_gan"].optim.lr_generator < cfgs["sd15_dmd2"].optim.lr_generator  # DMD2's second stage

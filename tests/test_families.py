@@ -268,3 +268,50 @@ def test_other_pipelines_are_refused_in_one_line(tmp_path, capsys):
                                   "teacher families: SD 1.x/2.x")
     assert not out.exists()
     shutil.rmtree(d)
+
+
+def test_sample_and_evaluate_commands_run_the_familys_pipeline(pipe_dir, tmp_path, monkeypatch):
+    """``python -m sd_dmd.sample`` and ``sd_dmd.evaluate`` on the family's pipeline with a 4-step LoRA: the sample's
+    pixels are the LoRA's (not the base's), and the evaluator writes its images."""
+    from PIL import Image
+    from test_evaluate import TinyFeatures
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    import sd_dmd.evaluation.evaluate as ev
+    from sd_dmd import sample
+    from sd_dmd.models.lora import save_lora
+
+    m = _model(pipe_dir)
+    _randomize(m, GENERATOR, scale=0.3, seed=2)
+    m.generator_timesteps = [999, 749, 499, 249]
+    save_lora(m, tmp_path / "lora")
+    argv = ["--model", pipe_dir, "--prompt", "a cat", "--dtype", "fp32", "--seed", "3"]
+    sample.main(argv + ["--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora.png")])
+    sample.main(argv + ["--out", str(tmp_path / "base.png")])
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("lora", "base"))
+    assert a.shape == (16, 16, 3) and np.abs(a - b).max() > 8
+    monkeypatch.setattr(ev, "make_fid", lambda feature=2048, weights=None: FrechetInceptionDistance(
+        feature=TinyFeatures(), reset_real_features=False))
+    (tmp_path / "ref").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+    (tmp_path / "p.txt").write_text("a red cube\na blue sphere\na cat\n")
+    cfg = ev.EvalConfig(model=pipe_dir, lora=str(tmp_path / "lora"), prompts=str(tmp_path / "p.txt"), num_prompts=3,
+                        resolution=16, eval_resolution=16, batch_size=3, dtype="fp32", out_dir=str(tmp_path / "ev"),
+                        clip_pretrained=None, reference=str(tmp_path / "ref"), steps=4,
+                        timesteps=[999, 749, 499, 249])
+    assert ev.evaluate(cfg)["num_images"] == 3 and len(list((tmp_path / "ev" / "images").glob("*.png"))) == 3
+
+
+def test_gan_head_matches_dmd2s_layers_at_sd15_and_sdxl_shapes():
+    """DMD2 (main/sd_guidance.py): SD1.5's 8x8 bottleneck -> Conv4 s2, Conv4 s4, Conv1; SDXL's 32x32 -> three Conv4 s2,
+    Conv4 s4, Conv1 (each but the last followed by GroupNorm(32) and SiLU)."""
+    from sd_dmd.models.shared_unet import GANHead
+
+    def convs(head):
+        return [(c.kernel_size[0], c.stride[0]) for c in head.net if isinstance(c, torch.nn.Conv2d)]
+
+    assert convs(GANHead(64, 8)) == [(4, 2), (4, 4), (1, 1)]
+    assert convs(GANHead(64, 32)) == [(4, 2), (4, 2), (4, 2), (4, 4), (1, 1)]
+    for size in (8, 32):
+        assert GANHead(64, size)(torch.randn(2, 64, size, size)).shape == (2,)

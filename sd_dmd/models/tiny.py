@@ -138,6 +138,33 @@ def build_sdxl_shaped_unet(dtype=torch.bfloat16):
         projection_class_embeddings_input_dim=2816, cross_attention_dim=2048).to(dtype)
 
 
+def build_sdxl_shaped_pipeline(out: str | Path, dtype=torch.bfloat16) -> Path:
+    """Save an SDXL-base-shaped pipeline with random weights in ``dtype``: its UNet (:func:`build_sdxl_shaped_unet`),
+    VAE (SD's shape, scaling 0.13025), CLIP ViT-L and OpenCLIP bigG (with projection) text encoders, EulerDiscrete."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                     **common))
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                 timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                              unet=build_sdxl_shaped_unet(dtype), scheduler=sch).to(dtype).save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(out / "_tok")
+    return out
+
+
 def build_sd15_shaped_pipeline(out: str | Path) -> Path:
     """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
