@@ -95,6 +95,16 @@ def test_one_and_four_step_loras_in_a_fresh_pipeline_reproduce_the_trainers_samp
     out = pipe(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
                height=16, width=16, **call_kwargs(pipe, timesteps)).images
     assert (out - ref).abs().max().item() <= 1e-4
+    from diffusers import LCMScheduler
+
+    from sd_dmd.models.family import detect_family
+
+    plain = detect_family(pipe_dir).load_pipeline(pipe_dir)  # what a user types: load_lora_weights on final/
+    plain.load_lora_weights(str(tmp_path / "lora"))
+    plain.scheduler = LCMScheduler.from_config(plain.scheduler.config)
+    out = plain(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+                height=16, width=16, **call_kwargs(plain, timesteps)).images
+    assert (out - ref).abs().max().item() <= 1e-4
     base = one_step_pipeline(pipe_dir, None)  # the check can fail: without the LoRA it is another sample
     out0 = base(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
                 height=16, width=16, **call_kwargs(base, timesteps)).images
@@ -315,3 +325,29 @@ def test_gan_head_matches_dmd2s_layers_at_sd15_and_sdxl_shapes():
     assert convs(GANHead(64, 32)) == [(4, 2), (4, 2), (4, 2), (4, 4), (1, 1)]
     for size in (8, 32):
         assert GANHead(64, size)(torch.randn(2, 64, size, size)).shape == (2,)
+
+
+def test_a_separately_saved_vae_encodes_and_trains_only_with_its_own_store(kind, pipe_dir, inputs, tmp_path, capsys):
+    """encode_images --vae DIR (an fp16-safe SDXL VAE, say) and training with --model.vae DIR: a store by another VAE
+    is refused, naming it, while the matching pair trains."""
+    from diffusers import AutoencoderKL
+
+    import train_text2image
+    from conftest import assert_one_line_error
+    from sd_dmd import encode_images
+
+    if kind != "sdxl":
+        pytest.skip("one family is enough for the VAE option")
+    vae = AutoencoderKL.from_pretrained(pipe_dir, subfolder="vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1)
+    vae.save_pretrained(tmp_path / "vae_fix")
+    encode_images.main(["--images", str(inputs["dir"] / "img"), "--pretrained_model_name_or_path", pipe_dir,
+                        "--vae", str(tmp_path / "vae_fix"), "--output_dir", str(tmp_path / "real"),
+                        "--resolution", "16"])
+    argv = _train_argv(pipe_dir, inputs, tmp_path / "run", "--train.max_steps", "1", "--gan.real_latents",
+                       str(tmp_path / "real"))
+    assert_one_line_error(train_text2image.main, argv, capsys, "VAE")
+    train_text2image.main(argv + ["--model.vae", str(tmp_path / "vae_fix"), "--output_dir", str(tmp_path / "run2")])
+    assert (tmp_path / "run2" / "final" / "pytorch_lora_weights.safetensors").is_file()
