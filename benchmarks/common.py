@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import sd_dmd  # noqa: E402,F401  before accelerate/peft import bitsandbytes: its guard keeps that import off the Hub
+
 
 def sync() -> None:
     if torch.cuda.is_available():

@@ -260,6 +260,10 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
     vae = (load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else
            load_vae(model, cfg.revision, cfg.variant, dtype)).to(state.device).eval()
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):  # SDXL's VAE: inf/NaN latents in fp16
+        log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in fp32; "
+            "pass --vae with an fp16-safe VAE to encode in fp16")
+        vae = vae.float()
     resolution, f = cfg.resolution or int(vae.config.sample_size), vae_factor(vae)
     if resolution % f:
         raise LatentsError(f"resolution {resolution} is not a multiple of the VAE factor {f} ({model})")
