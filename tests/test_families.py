@@ -351,3 +351,7 @@ def test_a_separately_saved_vae_encodes_and_trains_only_with_its_own_store(kind,
     assert_one_line_error(train_text2image.main, argv, capsys, "VAE")
     train_text2image.main(argv + ["--model.vae", str(tmp_path / "vae_fix"), "--output_dir", str(tmp_path / "run2")])
     assert (tmp_path / "run2" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    capsys.readouterr()
+    encode_images.main(["--images", str(inputs["dir"] / "img"), "--pretrained_model_name_or_path", pipe_dir,
+                        "--output_dir", str(tmp_path / "real16"), "--resolution", "16", "--mixed_precision", "fp16"])
+    assert "says force_upcast (it overflows in fp16, as SDXL's does): encoding in fp32" in capsys.readouterr().out

@@ -240,6 +240,21 @@ def resolve_model(cfg: EncodeConfig) -> str:
     return SD15
 
 
+def _overflows_in_fp16(vae, separate: Optional[str], model: str) -> bool:
+    """SDXL's VAE overflows in fp16: a separately saved VAE says so by ``force_upcast`` (the fp16-safe one says
+    false); the VAE of an SDXL pipeline does. diffusers fills ``force_upcast`` = true into every VAE config without the
+    key (SD1.5's too, which is fine in fp16), so a pipeline's own VAE is judged by its family."""
+    if separate:
+        return bool(vae.config.get("force_upcast", False))
+    from sd_dmd.errors import ModelError
+    from sd_dmd.models.family import SDXL, detect_family
+
+    try:
+        return detect_family(model) is SDXL
+    except ModelError:  # a VAE directory, or a hub id not reachable here
+        return False
+
+
 def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     """Create or complete the store described by ``cfg`` (see ``python -m sd_dmd.encode_images``); returns the
     counts of all processes."""
@@ -260,7 +275,7 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
     vae = (load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else
            load_vae(model, cfg.revision, cfg.variant, dtype)).to(state.device).eval()
-    if dtype == torch.float16 and vae.config.get("force_upcast", False):  # SDXL's VAE: inf/NaN latents in fp16
+    if dtype == torch.float16 and _overflows_in_fp16(vae, cfg.vae, model):  # SDXL's VAE: inf/NaN latents
         log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in fp32; "
             "pass --vae with an fp16-safe VAE to encode in fp16")
         vae = vae.float()
