@@ -207,3 +207,34 @@ def test_gan_generator_gradient_is_the_softplus_formula_through_x():
     expected = (-torch.sigmoid(-logits))[:, None] * w[None] / 4 * a.flatten(1)  # d softplus(-D)/dx, mean over 4
     assert torch.allclose(x.grad.flatten(1), expected, atol=1e-6)
     assert stats["loss_gan_generator"] == pytest.approx(torch.nn.functional.softplus(-logits).mean().item())
+
+
+def test_auto_fake_loss_weighting_is_the_teachers_own_loss():
+    """``auto``: eps-MSE for an eps teacher, v-MSE for a v one; v-MSE on x0 is the (SNR + 1)-weighted x0 error, which
+    equals mse(v_hat, v) computed from the denoiser's x0 (the check is independent of the weighting code)."""
+    from types import SimpleNamespace
+
+    from sd_dmd.core.losses import fake_score_loss
+    from sd_dmd.core.schedule import NoiseSchedule
+    from sd_dmd.core.step import CriticBatch, critic_loss
+
+    sched = NoiseSchedule.scaled_linear()
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+
+    def fake(x_t, tt, cond):
+        return 0.5 * x_t  # any denoiser
+
+    for pred, want in (("epsilon", "eps"), ("v_prediction", "v")):
+        model = SimpleNamespace(prediction_type=pred, fake_denoiser=lambda: fake, schedule=sched)
+        got, _ = critic_loss(model, x, None, CriticBatch(t=t, noise=noise), "auto")
+        ref, _ = fake_score_loss(fake, x, t, noise, sched, None, want)
+        assert torch.allclose(got, ref)
+    a, s = sched.alpha_sigma(t, x)
+    x_t = sched.add_noise(x, noise, t)
+    v = a * noise - s * x  # the v target: alpha eps - sigma x0
+    eps_hat = (x_t - a * fake(x_t, t, None)) / s  # the denoiser's x0 as eps, then as v
+    v_hat = a * eps_hat - s * fake(x_t, t, None)
+    got, _ = fake_score_loss(fake, x, t, noise, sched, None, "v")
+    assert torch.allclose(got, (v_hat - v).pow(2).mean(), rtol=1e-4)
