@@ -241,7 +241,9 @@ class DMDModel:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n}
 
     def describe(self) -> str:
-        lines = [f"base UNet (frozen, {str(self.weight_dtype).replace('torch.', '')}): "
+        lines = [f"teacher: {self.family.pipeline} ({self.prediction_type}), {self.resolution} px, "
+                 f"{len(self.text_encoders)} text encoder{'s' if len(self.text_encoders) > 1 else ''}",
+                 f"base UNet (frozen, {str(self.weight_dtype).replace('torch.', '')}): "
                  f"{self.base_params / 1e6:.1f}M params, {self.base_bytes / 2**20:.1f} MiB"]
         for name, spec in self.lora_specs.items():
             ps = self.adapter_parameters(name)
