@@ -353,16 +353,24 @@ class DMDModel:
         self.gan_head = GANHead(h.shape[1], h.shape[-1]).to(self.device)
         return self.gan_head
 
-    def discriminator(self):
-        """(x_t, t, cond) -> realism logits: the fake-LoRA UNet's bottleneck, then the GAN head."""
+    def discriminator(self, features: str = "fake"):
+        """(x_t, t, cond) -> realism logits: the UNet's bottleneck, then the GAN head. ``features``: "fake" reads the
+        fake-LoRA UNet (DMD2), "teacher" the frozen teacher, adapters off (FastGen's DMD2): only the head learns.
+        ``features_grad=False`` computes the bottleneck without gradient (the head still gets one)."""
         head = getattr(self, "gan_head", None)
         if head is None:
             raise ModelError("no GAN head: call add_gan_head first")
+        if features not in ("fake", "teacher"):
+            raise ModelError(f"unknown discriminator features '{features}' (choose from fake, teacher)")
 
-        def disc(x_t, t, cond):
+        def disc(x_t, t, cond, features_grad: bool = True):
             self._activate(FAKE)
             x = x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype)
-            return head(unet_bottleneck(self.unet, x, t, cond))
+            off = [(layer, layer._active_adapter, True) for layer in _tuner_layers(self.unet)]
+            routing = _adapter_state(off) if features == "teacher" else contextlib.nullcontext()
+            with routing, torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
+                h = unet_bottleneck(self.unet, x, t, cond)
+            return head(h)
 
         return disc
 
