@@ -79,7 +79,10 @@ class GANConfig:
     weight_mode: Literal["fixed", "adaptive"] = field(
         "fixed", "fixed: the two weights as given (DMD2's published numbers); adaptive: the generator's GAN weight "
                  "set every step so that ||GAN grad on x|| / ||DM grad on x|| = target_ratio (EMA of the measured "
-                 "ratio), the discriminator weight kept at discriminator_weight / generator_weight times it")
+                 "ratio); the discriminator weight stays discriminator_weight unless adaptive_discriminator")
+    adaptive_discriminator: bool = field(
+        False, "adaptive mode: scale the discriminator weight with the generator's (keeping discriminator_weight / "
+               "generator_weight, DMD2's 10x); false: keep discriminator_weight")
     target_ratio: float = field(0.0, "adaptive mode: the wanted GAN/DM gradient-norm ratio on G's sample (> 0)")
     ratio_ema_decay: float = field(0.9, "adaptive mode: EMA decay of the measured ratio, in [0, 1)")
     max_weight: float = field(1e4, "adaptive mode: upper bound of the generator's GAN weight")

@@ -6,8 +6,11 @@ micro-batch measures r = ||d loss_gan/dx|| / ||dm_weight d loss_dm/dx|| on G's s
 smooths it (EMA, ``gan.ratio_ema_decay``, started at the first measurement) and sets the generator's GAN weight to
 ``target_ratio / EMA(r)`` (at most ``gan.max_weight``), so that the logged ``gan_dm_grad_ratio`` sits at
 ``gan.target_ratio``. The weight is set before the term enters the loss: the current measurement counts.
-The discriminator weight follows it at DMD2's proportion: ``discriminator_weight / generator_weight`` (10x) times
-the generator's weight; before the first measurement both are the configured ones.
+The discriminator weight stays ``gan.discriminator_weight`` (as VQGAN adapts only the generator's term): the ratio
+measured is the generator's balance, while the discriminator weight sets another one, the fake LoRA's between its
+score loss and the discriminator loss. ``gan.adaptive_discriminator: true`` scales it with the generator's weight
+instead, at DMD2's proportion ``discriminator_weight / generator_weight`` (10x). Before the first measurement both
+are the configured ones.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ class GANWeight:
 
     def discriminator_weight(self) -> float:
         c = self.cfg
-        return c.discriminator_weight * self.generator_weight() / c.generator_weight if self.adaptive else \
-            c.discriminator_weight
+        if self.adaptive and c.adaptive_discriminator:
+            return c.discriminator_weight * self.generator_weight() / c.generator_weight
+        return c.discriminator_weight
 
     def __call__(self, raw_ratio: float) -> float:
         """Update with one measured ratio (at GAN weight 1) and return the generator's GAN weight to use now."""
