@@ -227,3 +227,26 @@ def test_r1_and_adaptive_run_in_a_step(setup, real_latents):
     assert applied and stats["loss_gan_r1"] >= 0
     assert stats["gan_dm_grad_ratio"] == pytest.approx(0.1, rel=1e-4)  # first step: EMA = this measurement
     assert t.gan_weight.state_dict()["ema"] > 0
+
+
+def test_adaptive_ema_survives_a_resume(setup, real_latents, tmp_path):
+    """The smoothed ratio is part of the checkpoint: a resumed adaptive run continues from it, not from scratch."""
+    import json
+
+    from sd_dmd.training.loop import train
+
+    def cfg(steps):
+        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path",
+                setup["pipe"], "--regression.loss", "none", "--data.prompts", setup["prompts"], "--output_dir",
+                str(tmp_path / "run"), "--gan.real_latents", real_latents, "--gan.weight_mode", "adaptive",
+                "--gan.target_ratio", "0.2", "--train.max_steps", str(steps), "--checkpointing.every", "2",
+                "--logging.every", "1"]
+        return load_config(Config, argv)[0]
+
+    t = train(cfg(2))
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["gan_weight"]["ema"] == pytest.approx(t.gan_weight.ema) and t.gan_weight.ema > 0
+    t2 = train(cfg(3), resume=True)
+    d = t2.cfg.gan.ratio_ema_decay
+    last = t2.history[-1]["gan_dm_grad_ratio"] / t2.history[-1]["gan_weight_generator"]  # step 3's measurement
+    assert t2.gan_weight.ema == pytest.approx(d * t.gan_weight.ema + (1 - d) * last, rel=1e-4)
