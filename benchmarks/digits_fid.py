@@ -24,9 +24,9 @@ def ratio_summary(history: list[dict]) -> dict:
     if not r:
         return {}
     third = max(1, len(r) // 3)
+    w = [h["gan_weight_generator"] for h in history if "gan_weight_generator" in h]
     return {"n": len(r), "median": statistics.median(r), "first_third": statistics.median(r[:third]),
-            "last_third": statistics.median(r[-third:]), "weights": sorted({h.get("gan_weight_generator") for h in
-                                                                            history if "gan_weight_generator" in h})[:1]}
+            "last_third": statistics.median(r[-third:]), "gan_weight_generator_median": statistics.median(w)}
 
 
 def main():

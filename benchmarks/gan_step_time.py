@@ -41,7 +41,7 @@ def loss_before(model, batch, *, dm_weight=1.0, regression=None, regression_weig
 def timed_step(t, mode: str) -> dict:
     from sd_dmd.training import turns
 
-    turns.generator_loss = {"before": loss_before, "after": core_step.generator_loss}.get(mode, core_step.generator_loss)
+    turns.generator_loss = loss_before if mode == "before" else core_step.generator_loss
     gan_on = t.gan_on
     if mode == "no-GAN":
         t.gan_on = lambda: False
