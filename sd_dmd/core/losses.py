@@ -87,19 +87,48 @@ def gan_generator_loss(disc: Callable, x: torch.Tensor, t: torch.Tensor, noise: 
     return loss, {"loss_gan_generator": loss.item()}
 
 
+def input_grad(loss: torch.Tensor, x: torch.Tensor, scale: float = 1.0, retain_graph: bool = False) -> torch.Tensor:
+    """d loss / d x alone: autograd visits only the graph between ``loss`` and ``x`` and computes no parameter
+    gradient on the way (the discriminator's LoRA and head get none). ``scale`` multiplies the loss before the
+    backward and divides the result after (fp16: the loss scale, so that small gradients do not underflow)."""
+    (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x, retain_graph=retain_graph)
+    return g if scale == 1.0 else g / scale
+
+
+def grad_ratio(g_num: torch.Tensor, g_den: torch.Tensor) -> float:
+    """||g_num|| / ||g_den||, norms over the whole tensors (the micro-batch); 0 when both are 0."""
+    num, den = g_num.float().norm().item(), g_den.float().norm().item()
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def with_grad(x: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to ``value`` whose gradient w.r.t. ``x`` is ``grad``: (x - sg(x)) . sg(grad) + sg(value)."""
+    return ((x.float() - x.detach().float()) * grad.detach().float()).sum() + value.detach()
+
+
 def gan_discriminator_loss(disc: Callable, fake: torch.Tensor, real: torch.Tensor, t_fake: torch.Tensor,
                            t_real: torch.Tensor, noise_fake: torch.Tensor, noise_real: torch.Tensor,
                            schedule: NoiseSchedule, cond_fake: Optional[torch.Tensor] = None,
-                           cond_real: Optional[torch.Tensor] = None):
+                           cond_real: Optional[torch.Tensor] = None, r1_weight: float = 0.0,
+                           r1_noise: Optional[torch.Tensor] = None):
     """DMD2's discriminator term: softplus(D(fake)) + softplus(-D(real)), each diffused to its own timestep.
 
     ``fake`` is detached (generator samples); ``real`` are encoded real latents. Stats include how often D is
-    right on each side (``gan_d_real_acc``, ``gan_d_fake_acc``): both near 1 on few real images means over-fitting."""
+    right on each side (``gan_d_real_acc``, ``gan_d_fake_acc``): both near 1 on few real images means over-fitting.
+    ``r1_weight`` > 0 adds FastGen's approximate R1 (APT): r1_weight * mse(D(real_t), D(real'_t)), real' = real +
+    ``r1_noise`` (already times gan.r1_alpha), diffused with the same noise and t; its D features without gradient."""
     lf = disc(schedule.add_noise(fake.detach(), noise_fake, t_fake), t_fake, cond_fake).float()
     lr = disc(schedule.add_noise(real, noise_real, t_real), t_real, cond_real).float()
     loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
-    return loss, {"loss_gan_discriminator": loss.item(), "gan_d_real_acc": (lr > 0).float().mean().item(),
-                  "gan_d_fake_acc": (lf < 0).float().mean().item()}
+    stats = {"loss_gan_discriminator": loss.item(), "gan_d_real_acc": (lr > 0).float().mean().item(),
+             "gan_d_fake_acc": (lf < 0).float().mean().item()}
+    if r1_weight > 0 and r1_noise is not None:
+        lr_alpha = disc(schedule.add_noise(real + r1_noise.to(real.dtype), noise_real, t_real), t_real, cond_real,
+                        features_grad=False).float()
+        loss_r1 = F.mse_loss(lr, lr_alpha)
+        loss = loss + r1_weight * loss_r1
+        stats["loss_gan_r1"] = loss_r1.item()
+    return loss, stats
 
 
 class RegressionLoss(torch.nn.Module):

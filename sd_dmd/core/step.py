@@ -7,13 +7,14 @@ knows about processes or optimisers, so a turn's gradient can be checked on its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-from sd_dmd.core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
-                                native_weighting)
+from sd_dmd.core.losses import (dmd_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, grad_ratio,
+                                input_grad, native_weighting, with_grad)
 
 
 def split_batch(value, n: int) -> list:
@@ -58,6 +59,7 @@ class CriticBatch(_Splittable):
     real_noise: Optional[torch.Tensor] = None
     gan_t: Optional[torch.Tensor] = None  # the generator samples' diffusion-GAN timesteps and noise
     gan_noise: Optional[torch.Tensor] = None
+    r1_noise: Optional[torch.Tensor] = None  # approximate R1: gan.r1_alpha * N(0, I) added to the real latents
 
 
 def backward_simulate(model, z: torch.Tensor, cond: torch.Tensor, timesteps: list[int], k: int,
@@ -77,12 +79,19 @@ def backward_simulate(model, z: torch.Tensor, cond: torch.Tensor, timesteps: lis
 
 
 def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regression: Optional[Callable] = None,
-                   regression_weight: float = 0.0, timesteps: Optional[list[int]] = None, gan_weight: float = 0.0):
+                   regression_weight: float = 0.0, timesteps: Optional[list[int]] = None,
+                   gan_weight: Union[float, Callable[[float], float]] = 0.0, gan_features: str = "fake",
+                   grad_scale: float = 1.0):
     """The generator turn's loss for one micro-batch: a sum of terms, each a function of denoiser callables.
 
     dm_weight * DM loss (Eq. 7-8) + regression_weight * regression loss (Sec. 4.2.4) + gan_weight * DMD2's GAN
     term. G's sample comes from :func:`backward_simulate` over ``timesteps`` (one step when None).
-    Returns ``(loss, stats, x, cond)``; ``x`` (detached) and ``cond`` are what the fake score trains on.
+    The GAN term's gradient is taken w.r.t. G's sample x alone (no gradient for the discriminator's LoRA or head) and
+    enters the loss as a linear term in x with that gradient (:func:`with_grad`; the loss value is unchanged).
+    ``gan_dm_grad_ratio`` = ||gan_weight d loss_gan/dx|| / ||dm_weight d loss_dm/dx||. ``gan_weight`` may be a
+    callable: given that ratio at weight 1, it returns the weight (adaptive mode, training/gan_weight.py).
+    ``grad_scale``: the fp16 loss scale, for the GAN gradient taken here. Returns ``(loss, stats, x, cond)``; ``x``
+    (detached) and ``cond`` are what the fake score trains on.
     """
     cond = model.encode_prompts(batch.prompts)
     timesteps = timesteps or [model.conditioning_timestep]
@@ -90,11 +99,17 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
     loss_dm, stats = dmd_loss(x, model.real_denoiser(), model.fake_denoiser(), batch.t, batch.noise,
                               model.schedule, cond)
     loss = dm_weight * loss_dm
-    if gan_weight > 0 and batch.gan_t is not None:
-        loss_gan, s_gan = gan_generator_loss(model.discriminator(), x, batch.gan_t, batch.gan_noise, model.schedule,
-                                             cond)
-        loss = loss + gan_weight * loss_gan
-        stats.update(s_gan)
+    if (callable(gan_weight) or gan_weight > 0) and batch.gan_t is not None:
+        loss_gan, s_gan = gan_generator_loss(model.discriminator(gan_features), x, batch.gan_t, batch.gan_noise,
+                                             model.schedule, cond)
+        g_gan = input_grad(loss_gan, x, grad_scale)  # frees the discriminator's graph
+        g_dm = input_grad(dm_weight * loss_dm, x, grad_scale, retain_graph=True)
+        raw = grad_ratio(g_gan, g_dm)  # at gan weight 1
+        w = gan_weight(raw) if callable(gan_weight) else gan_weight
+        loss = loss + w * with_grad(x, loss_gan, g_gan)
+        stats.update(s_gan, gan_weight_generator=w)
+        if math.isfinite(raw):  # dm_weight 0: no ratio (an inf would read as a non-finite step)
+            stats["gan_dm_grad_ratio"] = w * raw
     if regression is not None and batch.ref_z is not None:
         x_ref = model.generate(batch.ref_z, model.encode_prompts(batch.ref_prompts))
         loss_reg, s_reg = regression(x_ref, batch.ref_y)
@@ -112,18 +127,19 @@ def generator_samples(model, z: torch.Tensor, prompts: list, timesteps: Optional
 
 
 def critic_loss(model, x: torch.Tensor, cond: torch.Tensor, batch: CriticBatch, weighting: str = "eps",
-                gan_weight: float = 0.0):
+                gan_weight: float = 0.0, gan_features: str = "fake", r1_weight: float = 0.0):
     """The critic turn's loss: the fake score's denoising loss on detached generator samples, plus
-    gan_weight * DMD2's discriminator loss (G's samples against the batch's real latents) when it has them.
-    ``weighting="auto"``: the teacher's own loss (eps- or v-MSE, by ``model.prediction_type``). Returns
-    ``(loss, stats)``."""
+    gan_weight * DMD2's discriminator loss (G's samples against the batch's real latents) when it has them, with
+    r1_weight * approximate R1 inside it when the batch has ``r1_noise``. ``weighting="auto"``: the teacher's own
+    loss (eps- or v-MSE, by ``model.prediction_type``). Returns ``(loss, stats)``."""
     if weighting == "auto":
         weighting = native_weighting(getattr(model, "prediction_type", "epsilon"))
     loss, stats = fake_score_loss(model.fake_denoiser(), x, batch.t, batch.noise, model.schedule, cond, weighting)
     if gan_weight > 0 and batch.real is not None:
         real_cond = model.encode_prompts(batch.real_prompts)
-        loss_d, s_d = gan_discriminator_loss(model.discriminator(), x, batch.real, batch.gan_t, batch.real_t,
-                                             batch.gan_noise, batch.real_noise, model.schedule, cond, real_cond)
+        loss_d, s_d = gan_discriminator_loss(model.discriminator(gan_features), x, batch.real, batch.gan_t,
+                                             batch.real_t, batch.gan_noise, batch.real_noise, model.schedule, cond,
+                                             real_cond, r1_weight, batch.r1_noise)
         loss = loss + gan_weight * loss_d
         stats.update(s_d)
     return loss, stats

@@ -158,6 +158,19 @@ def _nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def describe(m: "DMDModel") -> str:
+    """The teacher, the frozen base and the two adapters, with their sizes (printed at the start of a run)."""
+    lines = [f"teacher: {m.family.pipeline} ({m.prediction_type}), {m.resolution} px, "
+             f"{len(m.text_encoders)} text encoder{'s' if len(m.text_encoders) > 1 else ''}",
+             f"base UNet (frozen, {str(m.weight_dtype).replace('torch.', '')}): "
+             f"{m.base_params / 1e6:.1f}M params, {m.base_bytes / 2**20:.1f} MiB"]
+    for name, spec in m.lora_specs.items():
+        ps = m.adapter_parameters(name)
+        lines.append(f"LoRA '{name}' (fp32, r={spec.rank}, alpha={spec.alpha}): "
+                     f"{sum(p.numel() for p in ps) / 1e6:.2f}M params, {_nbytes(ps) / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
 class DMDModel:
     """The shared UNet with its two adapters, the frozen VAE/text encoder(s), and the schedule, for a teacher of any
     family (:mod:`sd_dmd.models.family`: how prompts become conditioning and how the UNet is called with it)."""
@@ -241,15 +254,7 @@ class DMDModel:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n}
 
     def describe(self) -> str:
-        lines = [f"teacher: {self.family.pipeline} ({self.prediction_type}), {self.resolution} px, "
-                 f"{len(self.text_encoders)} text encoder{'s' if len(self.text_encoders) > 1 else ''}",
-                 f"base UNet (frozen, {str(self.weight_dtype).replace('torch.', '')}): "
-                 f"{self.base_params / 1e6:.1f}M params, {self.base_bytes / 2**20:.1f} MiB"]
-        for name, spec in self.lora_specs.items():
-            ps = self.adapter_parameters(name)
-            lines.append(f"LoRA '{name}' (fp32, r={spec.rank}, alpha={spec.alpha}): "
-                         f"{sum(p.numel() for p in ps) / 1e6:.2f}M params, {_nbytes(ps) / 2**20:.1f} MiB")
-        return "\n".join(lines)
+        return describe(self)
 
     # ----- text ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -339,16 +344,24 @@ class DMDModel:
         self.gan_head = GANHead(h.shape[1], h.shape[-1]).to(self.device)
         return self.gan_head
 
-    def discriminator(self):
-        """(x_t, t, cond) -> realism logits: the fake-LoRA UNet's bottleneck, then the GAN head."""
+    def discriminator(self, features: str = "fake"):
+        """(x_t, t, cond) -> realism logits: the UNet's bottleneck, then the GAN head. ``features``: "fake" reads the
+        fake-LoRA UNet (DMD2), "teacher" the frozen teacher, adapters off (FastGen's DMD2): only the head learns.
+        ``features_grad=False`` computes the bottleneck without gradient (the head still gets one)."""
         head = getattr(self, "gan_head", None)
         if head is None:
             raise ModelError("no GAN head: call add_gan_head first")
+        if features not in ("fake", "teacher"):
+            raise ModelError(f"unknown discriminator features '{features}' (choose from fake, teacher)")
 
-        def disc(x_t, t, cond):
+        def disc(x_t, t, cond, features_grad: bool = True):
             self._activate(FAKE)
             x = x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype)
-            return head(unet_bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond)))
+            off = [(layer, layer._active_adapter, True) for layer in _tuner_layers(self.unet)]
+            routing = _adapter_state(off) if features == "teacher" else contextlib.nullcontext()
+            with routing, torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
+                h = unet_bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond))
+            return head(h)
 
         return disc
 

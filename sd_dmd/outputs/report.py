@@ -107,6 +107,7 @@ PANELS = [  # (title, keys, log scale); a panel is drawn when the history has an
     ("learning rate (generator)", ("lr_generator",), False),
     ("GAN losses", ("loss_gan_generator", "loss_gan_discriminator"), False),
     ("discriminator accuracy", ("gan_d_real_acc", "gan_d_fake_acc"), False),
+    ("GAN / DM gradient norm on x", ("gan_dm_grad_ratio",), True),
     ("non-finite events (total)", ("nonfinite_total",), False),
 ]
 

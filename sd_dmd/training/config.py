@@ -80,6 +80,21 @@ class GANConfig:
     start_step: int = field(0, "switch the GAN on at this generator step (0: from the start; or resume a finished "
                                "run with a larger max_steps, a GAN store and a lower lr: DMD2's second stage)")
     batch_size: int = field(0, "real latents per fake update, per process (0: train.batch_size)")
+    weight_mode: Literal["fixed", "adaptive"] = field(
+        "fixed", "fixed: the two weights as given (DMD2's published numbers); adaptive: the generator's GAN weight "
+                 "set every step so that ||GAN grad on x|| / ||DM grad on x|| = target_ratio (EMA of the measured "
+                 "ratio); the discriminator weight stays discriminator_weight unless adaptive_discriminator")
+    adaptive_discriminator: bool = field(
+        False, "adaptive mode: scale the discriminator weight with the generator's (keeping discriminator_weight / "
+               "generator_weight, DMD2's 10x); false: keep discriminator_weight")
+    target_ratio: float = field(0.0, "adaptive mode: the wanted GAN/DM gradient-norm ratio on G's sample (> 0)")
+    ratio_ema_decay: float = field(0.9, "adaptive mode: EMA decay of the measured ratio, in [0, 1)")
+    max_weight: float = field(1e4, "adaptive mode: upper bound of the generator's GAN weight")
+    features: Literal["fake", "teacher"] = field(
+        "fake", "discriminator features: the fake score's bottleneck (DMD2) or the frozen teacher's (FastGen)")
+    r1_weight: float = field(0.0, "approximate R1 (FastGen, APT) on the real side: weight inside the discriminator "
+                                  "loss (0 = off)")
+    r1_alpha: float = field(0.1, "approximate R1: std of the perturbation added to the real latents")
 
 
 @dataclass
@@ -173,6 +188,7 @@ class Config:
         if g.generator_weight < 0 or g.discriminator_weight < 0 or g.start_step < 0 or g.batch_size < 0:
             raise ConfigError("gan.generator_weight, gan.discriminator_weight, gan.start_step, gan.batch_size: "
                               "must be >= 0")
+        self._validate_gan()
         if d.real_guidance_scale < 0:
             raise ConfigError(f"dmd.real_guidance_scale: must be >= 0, got {d.real_guidance_scale}")
         if d.fake_updates_per_step < 1:
@@ -195,6 +211,25 @@ class Config:
             raise ConfigError("train.ema_decay: must be in [0, 1)")
         if not self.data.prompts:
             raise ConfigError("data.prompts: at least one prompt file is required")
+
+    def _validate_gan(self) -> None:
+        g = self.gan
+        if g.r1_weight < 0 or g.r1_alpha < 0:
+            raise ConfigError(f"gan.r1_weight, gan.r1_alpha: must be >= 0, got {g.r1_weight} and {g.r1_alpha}")
+        if not 0 <= g.ratio_ema_decay < 1:
+            raise ConfigError(f"gan.ratio_ema_decay: must be in [0, 1), got {g.ratio_ema_decay}")
+        if g.weight_mode != "adaptive":
+            return
+        if not g.target_ratio > 0:
+            raise ConfigError(f"gan.target_ratio: adaptive mode needs a ratio > 0, got {g.target_ratio}")
+        if not g.generator_weight > 0:
+            raise ConfigError("gan.generator_weight: adaptive mode keeps discriminator_weight / generator_weight, "
+                              f"so it must be > 0, got {g.generator_weight}")
+        if not self.dmd.dm_weight > 0:
+            raise ConfigError(f"dmd.dm_weight: adaptive GAN weighting measures against the DM gradient, so it must "
+                              f"be > 0, got {self.dmd.dm_weight}")
+        if not g.max_weight > 0:
+            raise ConfigError(f"gan.max_weight: must be > 0, got {g.max_weight}")
 
 
 # Keys a resume may not change: they define what the adapters in the checkpoint are (docs/RELIABILITY.md).

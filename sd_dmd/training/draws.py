@@ -91,4 +91,6 @@ class Draws:
             real, batch.real_prompts = self.real.batch(self.rows(self.real, r))
             batch.real, batch.real_t, batch.real_noise = real.to(self.device), self.timesteps(r), self.randn(r)
             batch.gan_t, batch.gan_noise = self.timesteps(n), self.randn(n)
+            if cfg.gan.r1_weight > 0:  # drawn only then: runs without R1 keep their random streams
+                batch.r1_noise = cfg.gan.r1_alpha * self.randn(r)
         return batch

@@ -25,6 +25,7 @@ from sd_dmd.training import state as ckpt
 from sd_dmd.training.build import check_precision, load_data, load_model, make_optimisation
 from sd_dmd.training.config import Config
 from sd_dmd.training.draws import Draws
+from sd_dmd.training.gan_weight import GANWeight
 from sd_dmd.training.preflight import check_start, clear_output_dir
 
 
@@ -47,6 +48,7 @@ class Trainer:
         self.sched_g, self.sched_f, self.sched_d, self.ema = opt.sched_g, opt.sched_f, opt.sched_d, opt.ema
         self.draws = Draws(cfg, self.prompts, self.latent_shape, self.model.schedule.num_train_timesteps,
                            accelerator.device, accelerator.process_index, self.store, self.real_store)
+        self.gan_weight = GANWeight(cfg.gan, self._mean_over_processes)  # fixed or adaptive (gan.weight_mode)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -71,6 +73,11 @@ class Trainer:
         if self.acc.num_processes > 1:
             t = self.acc.reduce(t, reduction="sum")
         return t.item() > 0
+
+    def _mean_over_processes(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return value
+        return self.acc.reduce(torch.tensor([value], device=self.acc.device), reduction="mean").item()
 
     # ----- the two turns ----------------------------------------------------------------------------
     def generator_turn(self) -> tuple[dict, bool, list]:

@@ -154,7 +154,7 @@ def save_checkpoint(t) -> Path:
                  "sched_discriminator": t.sched_d.state_dict() if t.sched_d is not None else None,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "ema_optimization_step": t.ema.optimization_step if t.ema is not None else None,
-                 "history": t.history}
+                 "gan_weight": t.gan_weight.state_dict(), "history": t.history}
         atomic_json(tmp / STATE_FILE, json.loads(json.dumps(state, default=float)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
@@ -183,6 +183,7 @@ def load_checkpoint(t, path: Path) -> None:
         t.acc.scaler.load_state_dict(state["scaler"])
     t.step = state["step"]
     t.nonfinite_total = state["nonfinite_total"]
+    t.gan_weight.load_state_dict(state.get("gan_weight"))  # adaptive mode's smoothed ratio (absent: none yet)
     t.history = state["history"]
     if lr_changes:  # DMD2's second stage: the same run, resumed at a lower learning rate
         notes.append(f"resumed at step {t.step} with {', '.join(lr_changes)} (the schedule continues from there)")

@@ -67,17 +67,17 @@ def generator_turn(t) -> tuple[dict, bool, list]:
     n_acc = cfg.train.gradient_accumulation_steps
     stats: dict = {}
     samples = []
+    gan_weight = t.gan_weight.for_generator() if t.gan_on() else 0.0
+    scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0  # fp16: for the GAN gradient on x
     for mb in t.draws.generator_batch(t.step, t.gan_on()).split(n_acc):
         with acc.autocast():
             loss, s, x, cond = generator_loss(t.model, mb, dm_weight=cfg.dmd.dm_weight,
                                               regression=t.reg_loss, regression_weight=cfg.regression.weight,
-                                              timesteps=cfg.dmd.generator_timesteps,
-                                              gan_weight=cfg.gan.generator_weight if t.gan_on() else 0.0)
-        acc.backward(loss / n_acc)
+                                              timesteps=cfg.dmd.generator_timesteps, gan_weight=gan_weight,
+                                              gan_features=cfg.gan.features, grad_scale=scale)
+        acc.backward(loss / n_acc)  # the GAN term reaches only G: its gradient was taken on x alone
         add_mean(stats, s, n_acc)
         samples.append((x, cond))
-    for p in t.fake_params + t.head_params:  # the GAN term's backward passed through them: not theirs
-        p.grad = None
     norm, applied = apply_gradients(t.acc, [(t.gen_params, t.opt_g, t.sched_g)], stats,
                                     t.cfg.optim.max_grad_norm)
     if applied and t.ema is not None:
@@ -102,7 +102,8 @@ def fake_turn(t, samples: Optional[list] = None) -> tuple[dict, bool]:
     for (x, cond), mb in zip(samples, batch.split(n_acc)):
         with acc.autocast():
             loss, s = critic_loss(m, x, cond, mb, cfg.dmd.fake_loss_weighting,
-                                  gan_weight=cfg.gan.discriminator_weight if gan else 0.0)
+                                  gan_weight=t.gan_weight.discriminator_weight() if gan else 0.0,
+                                  gan_features=cfg.gan.features, r1_weight=cfg.gan.r1_weight)
         acc.backward(loss / n_acc)
         add_mean(stats, s, n_acc)
     groups = [(t.fake_params, t.opt_f, t.sched_f)]
@@ -126,7 +127,8 @@ def train_step(t) -> tuple[dict, bool]:
     for k in range(n):
         f, ok = t.fake_turn(samples if k == 0 else None)
         if ok:
-            for key in ("loss_fake", "grad_norm_fake", "loss_gan_discriminator", "gan_d_real_acc", "gan_d_fake_acc"):
+            for key in ("loss_fake", "grad_norm_fake", "loss_gan_discriminator", "gan_d_real_acc", "gan_d_fake_acc",
+                        "loss_gan_r1"):
                 if key in f:
                     stats[key] = stats.get(key, 0.0) + f[key] / n
         else:
