@@ -103,3 +103,23 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
             assert c.model.resolution == 1024 and c.gan.generator_weight == 5e-3 and c.dmd.real_guidance_scale == 8
     assert cfgs["sdxl_dmd2"].dmd.generator_timesteps == [399]
     assert cfgs["sd15_dmd2_gan"].optim.lr_generator < cfgs["sd15_dmd2"].optim.lr_generator  # DMD2's second stage
+
+
+def test_step_down_schedule_is_the_second_stage_in_one_run():
+    """optim.lr_scheduler step_down: warm-up as constant_with_warmup, then x factor from step_down_at of the run."""
+    import torch
+
+    from sd_dmd.training.build import step_down_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    sched = step_down_schedule(opt, warmup=10, at=1200, factor=1 / 3)
+    lrs = []
+    for _ in range(1300):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0 and abs(lrs[5] - 0.15) < 1e-9 and lrs[10] == lrs[1199] == 0.3 and abs(lrs[1200] - 0.1) < 1e-9
+    from sd_dmd.training.config import Config
+
+    with pytest.raises(ConfigError, match="optim.step_down_at"):
+        load_config(Config, ["--optim.step_down_at", "1.5"])

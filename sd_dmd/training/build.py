@@ -133,6 +133,14 @@ class Optimisation:
     ema: object
 
 
+def step_down_schedule(opt, warmup: int, at: int, factor: float):
+    """diffusers' constant_with_warmup (lr * s / warmup during the warm-up), then lr * ``factor`` from update ``at``
+    on: DMD2's second stage (a finished run resumed at a lower lr) within one run."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(opt, lambda s: (s / max(1, warmup) if s < warmup else 1.0) * (factor if s >= at else 1.0))
+
+
 def make_optimisation(cfg: Config, m: DMDModel, accelerator, gan: bool) -> Optimisation:
     from diffusers.optimization import get_scheduler
 
@@ -143,7 +151,9 @@ def make_optimisation(cfg: Config, m: DMDModel, accelerator, gan: bool) -> Optim
 
     def optimise(params, lr, steps):
         opt = make_optimizer(params, lr, o)
-        sched = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=steps)
+        sched = (step_down_schedule(opt, o.warmup_steps, int(o.step_down_at * steps), o.step_down_factor)
+                 if o.lr_scheduler == "step_down" else
+                 get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=steps))
         return accelerator.prepare(opt), sched
 
     opt_g, sched_g = optimise(gen, o.lr_generator, cfg.train.max_steps)

@@ -117,7 +117,11 @@ class OptimConfig:
     beta2: float = field(0.999, "Adam beta2")
     eps: float = field(1e-8, "Adam epsilon")
     warmup_steps: int = field(500, "linear warm-up steps")
-    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = field("constant_with_warmup", "LR schedule")
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "step_down"] = field(
+        "constant_with_warmup", "LR schedule; step_down: constant after the warm-up, times step_down_factor from "
+                                "step_down_at of the run on (DMD2's second stage in one run)")
+    step_down_at: float = field(2 / 3, "step_down: the fraction of the run's updates after which the lr steps down")
+    step_down_factor: float = field(1 / 3, "step_down: the lr's factor after it")
     max_grad_norm: float = field(10.0, "gradient clipping (paper: 10); 0 disables")
 
 
@@ -193,6 +197,10 @@ class Config:
             raise ConfigError(f"dmd.real_guidance_scale: must be >= 0, got {d.real_guidance_scale}")
         if d.fake_updates_per_step < 1:
             raise ConfigError("dmd.fake_updates_per_step: must be >= 1")
+        o = self.optim
+        if not (0 < o.step_down_at < 1 and 0 < o.step_down_factor <= 1):
+            raise ConfigError(f"optim.step_down_at / optim.step_down_factor: need 0 < at < 1 and 0 < factor <= 1, got "
+                              f"{o.step_down_at} and {o.step_down_factor}")
         if self.model.resolution <= 0 or self.model.resolution % 8:
             raise ConfigError(f"model.resolution: must be a positive multiple of 8, got {self.model.resolution}")
         for name in ("generator", "fake"):
