@@ -37,7 +37,8 @@ class CFGDenoiser:
     """Classifier-free guidance, DMD2's convention: out = out_u + s (out_c - out_u).
 
     Guidance is linear in eps (or v) and x0 is affine in either with the same x_t and coefficients summing
-    1 - s + s = 1, so guiding x0 equals guiding the model's output. Unconditional and conditional halves run in one batched forward.
+    1 - s + s = 1, so guiding x0 equals guiding the model's output. Unconditional and conditional halves run in
+    one batched forward.
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, uncond: torch.Tensor):

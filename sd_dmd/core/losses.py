@@ -54,7 +54,6 @@ def native_weighting(prediction_type: str) -> str:
     return "v" if prediction_type == "v_prediction" else "eps"
 
 
-
 def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                     schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None, weighting: str = "eps"):
     """Denoising loss of the fake score on generator samples, written on x0 so it works for any denoiser.

@@ -276,8 +276,8 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     vae = (load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else
            load_vae(model, cfg.revision, cfg.variant, dtype)).to(state.device).eval()
     if dtype == torch.float16 and _overflows_in_fp16(vae, cfg.vae, model):  # SDXL's VAE: inf/NaN latents
-        log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in fp32; "
-            "pass --vae with an fp16-safe VAE to encode in fp16")
+        log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in "
+            "fp32; pass --vae with an fp16-safe VAE to encode in fp16")
         vae = vae.float()
     resolution, f = cfg.resolution or int(vae.config.sample_size), vae_factor(vae)
     if resolution % f:

@@ -41,6 +41,12 @@ class Components:
 
 
 # ----- conditioning: prompts -> one tensor per sample, and back to the UNet's keyword arguments --------------------
+def _token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """Token ids padded and truncated to the tokenizer's context (77), as both pipelines' ``encode_prompt``."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
 class SDText:
     """SD 1.x/2.x: the text encoder's last hidden state, as ``StableDiffusionPipeline.encode_prompt`` (77 tokens);
     CFG's unconditional branch is the encoding of ""."""
@@ -50,9 +56,7 @@ class SDText:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(_token_ids(self.tokenizer, prompts, self.text_encoder.device))[0]
 
     def uncond(self) -> torch.Tensor:
         return self.encode([""])
@@ -95,16 +99,14 @@ class SDXLText:
     def unet_kwargs(self, cond: torch.Tensor) -> dict:
         n = self.pooled_dim + len(self.time_ids)
         extra = cond[:, -self.extra_rows:].reshape(cond.shape[0], -1)[:, :n]
-        return {"encoder_hidden_states": cond[:, :-self.extra_rows],
-                "added_cond_kwargs": {"text_embeds": extra[:, :self.pooled_dim], "time_ids": extra[:, self.pooled_dim:]}}
+        added = {"text_embeds": extra[:, :self.pooled_dim], "time_ids": extra[:, self.pooled_dim:]}
+        return {"encoder_hidden_states": cond[:, :-self.extra_rows], "added_cond_kwargs": added}
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]):
         hidden, pooled = [], None
         for tok, te in zip(self.tokenizers, self.text_encoders):
-            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(te.device)
-            out = te(ids, output_hidden_states=True)
+            out = te(_token_ids(tok, prompts, te.device), output_hidden_states=True)
             if out[0].ndim == 2:  # the projected pooled output of CLIPTextModelWithProjection
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
@@ -127,7 +129,6 @@ class Family:
     pipeline: str  # the diffusers pipeline class
     text_encoders: tuple  # (folder, transformers class) per text encoder, in the pipeline's order
     tokenizers: tuple  # tokenizer folders
-    default_resolution: int  # the resolution the family's teachers are made for (the UNet's sample_size decides)
 
     def pipeline_class(self):
         import diffusers
@@ -167,19 +168,14 @@ class Family:
             return SDXLText(components.text_encoders, components.tokenizers, resolution, force_zeros)
         return SDText(components.text_encoders, components.tokenizers)
 
-    @staticmethod
-    def force_zeros(path: str, revision=None) -> bool:
-        """The pipeline's ``force_zeros_for_empty_prompt`` (SDXL base: true): CFG's unconditional branch is zeros."""
-        return bool(model_index(path, revision).get("force_zeros_for_empty_prompt", True))
-
     def folders(self) -> tuple:
         return ("unet", "vae", "scheduler") + tuple(s for s, _ in self.text_encoders) + self.tokenizers
 
 
-SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",), 512)
+SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",))
 SDXL = Family("sdxl", "StableDiffusionXLPipeline",
               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"), 1024)
+              ("tokenizer", "tokenizer_2"))
 FAMILIES = {SD.pipeline: SD, SDXL.pipeline: SDXL}
 
 
@@ -208,10 +204,11 @@ def model_index(path: str, revision: Optional[str] = None) -> dict:
                          f"{str(e).splitlines()[0][:160]})") from None
 
 
-def detect_family(path: str, revision: Optional[str] = None) -> Family:
-    """The family of the pipeline at ``path`` (a directory or hub id), from its ``model_index.json``; another
-    pipeline (SD3, Flux, PixArt, a DiT...) or a missing folder is refused in one line naming its classes."""
-    index = model_index(path, revision)
+def detect_family(path: str, revision: Optional[str] = None, index: Optional[dict] = None) -> Family:
+    """The family of the pipeline at ``path`` (a directory or hub id), from its ``model_index.json`` (read here
+    unless ``index`` is given); another pipeline (SD3, Flux, PixArt, a DiT...) or a missing folder is refused in one
+    line naming its classes."""
+    index = model_index(path, revision) if index is None else index
     cls = index.get("_class_name", "?")
     family = FAMILIES.get(cls)
     if family is None:
@@ -232,10 +229,3 @@ def check_prediction_type(scheduler_config, path: str) -> str:
         raise ModelError(f"{path}: scheduler prediction_type is '{pred}'; supported: {', '.join(PREDICTION_TYPES)}")
     return pred
 
-
-def family_of_pipeline(pipe) -> Family:
-    """The family of a loaded pipeline (its class, or the SDXL one it derives from)."""
-    for family in (SDXL, SD):
-        if isinstance(pipe, family.pipeline_class()):
-            return family
-    raise ModelError(f"a {type(pipe).__name__} is not supported; supported teacher families: {SUPPORTED}")

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from sd_dmd.core.denoisers import CFGDenoiser, PredictionDenoiser
 from sd_dmd.core.schedule import NoiseSchedule
 from sd_dmd.errors import ModelError
-from sd_dmd.models.family import SD, Components, Family, check_prediction_type, detect_family
+from sd_dmd.models.family import SD, Components, Family, check_prediction_type, detect_family, model_index
 
 GENERATOR, FAKE = "generator", "fake"
 
@@ -229,9 +229,10 @@ class DMDModel:
                         vae: Optional[str] = None, **kw):
         """Load a teacher of any supported family (refused in one line otherwise); ``vae``: a separately saved VAE
         (e.g. an fp16-safe SDXL VAE) instead of the pipeline's."""
-        family = detect_family(path, revision)
+        index = model_index(path, revision)  # once: the family, and SDXL's force_zeros_for_empty_prompt
+        family = detect_family(path, revision, index)
         comps = family.load_components(path, revision, variant, kw.get("weight_dtype", torch.float32), vae)
-        return cls(comps, family, force_zeros_for_empty_prompt=family.force_zeros(path, revision), **kw)
+        return cls(comps, family, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **kw)
 
     @property
     def vae_factor(self) -> int:

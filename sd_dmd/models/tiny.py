@@ -43,6 +43,16 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
     return out
 
 
+def clip_tokenizer():
+    """OpenAI CLIP's tokenizer built offline from open_clip's vocabulary (its files in a temporary directory)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(d))
+
+
 def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_channels=(32, 64), text_dim: int = 32,
                         text_layers: int = 2, vae_channels=(32, 64), prediction_type: str = "epsilon", seed: int = 0):
     """Build and save a small random ``StableDiffusionPipeline`` (latent 4 x sample_size^2).
@@ -50,7 +60,7 @@ def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_chann
     Image resolution = sample_size * 2 ** (len(vae_channels) - 1).
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -69,8 +79,7 @@ def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_chann
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers, num_attention_heads=4,
         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    tok_dir = write_clip_tokenizer(out / "_tok")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = clip_tokenizer()
     # SD v1.5's own scheduler config
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, prediction_type=prediction_type, skip_prk_steps=True,
@@ -79,9 +88,6 @@ def build_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 8, unet_chann
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
-    import shutil
-
-    shutil.rmtree(tok_dir)
     return out
 
 
@@ -93,7 +99,7 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, *, sample_size: int = 8, text_
     on both encoders' hidden states concatenated; EulerDiscrete, SDXL base's scheduler. Latents 4 x sample_size^2,
     images twice that (a two-level VAE)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -111,16 +117,13 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, *, sample_size: int = 8, text_
     cfg = dict(hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2, num_attention_heads=4,
                vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                pad_token_id=49407, projection_dim=text_dim)
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    tok = clip_tokenizer()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
     StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
                               text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), tokenizer=tok,
                               tokenizer_2=tok, unet=unet, scheduler=scheduler,
                               force_zeros_for_empty_prompt=True).save_pretrained(out)
-    import shutil
-
-    shutil.rmtree(out / "_tok")
     return out
 
 
@@ -142,7 +145,7 @@ def build_sdxl_shaped_pipeline(out: str | Path, dtype=torch.bfloat16) -> Path:
     """Save an SDXL-base-shaped pipeline with random weights in ``dtype``: its UNet (:func:`build_sdxl_shaped_unet`),
     VAE (SD's shape, scaling 0.13025), CLIP ViT-L and OpenCLIP bigG (with projection) text encoders, EulerDiscrete."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -154,21 +157,18 @@ def build_sdxl_shaped_pipeline(out: str | Path, dtype=torch.bfloat16) -> Path:
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                                      num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
                                                      **common))
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    tok = clip_tokenizer()
     sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                                  timestep_spacing="leading")
     StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
                               unet=build_sdxl_shaped_unet(dtype), scheduler=sch).to(dtype).save_pretrained(out)
-    import shutil
-
-    shutil.rmtree(out / "_tok")
     return out
 
 
 def build_sd15_shaped_pipeline(out: str | Path) -> Path:
     """Save an SD1.5-shaped pipeline with random weights (tokenizer from open_clip's vocabulary)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.5's
@@ -178,12 +178,9 @@ def build_sd15_shaped_pipeline(out: str | Path) -> Path:
     te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                       num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
                                       hidden_act="quick_gelu", projection_dim=768))
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    tok = clip_tokenizer()
     sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                         set_alpha_to_one=False, steps_offset=1)
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
-    import shutil
-
-    shutil.rmtree(out / "_tok")
     return out

@@ -118,10 +118,20 @@ def curve_rows(history: list[dict], keys) -> list[str]:
             for step, h in pick.items()]
 
 
+CARD_CURVE_KEYS = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")  # the card's curve-summary columns
+
+
+def gan_summary(cfg: Config) -> str:
+    """The card's GAN row: when it is on, its weights and its real latents; or "off"."""
+    g = cfg.gan
+    return (f"on from step {g.start_step}, weights G {g.generator_weight} / D {g.discriminator_weight}, real latents "
+            f"`{g.real_latents}`" if g.real_latents else "off")
+
+
 def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool,
                      pipeline: str = "StableDiffusionPipeline") -> None:
     """``final/README.md``: teacher, timesteps, settings, curves, and how to load both LoRA files in ``pipeline``."""
-    keys = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")
+    keys = CARD_CURVE_KEYS
     notes = [h["note"] for h in history if "note" in h]
     rows = curve_rows([h for h in history if "note" not in h], keys)
     model = cfg.model.pretrained_model_name_or_path
@@ -132,8 +142,6 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
     grid = lcm_original_steps(ts)  # silences LCMScheduler's "not on the original schedule" warning for several steps
     lcm_kw = f", original_inference_steps={grid}" if steps > 1 and grid is not None else ""
     how = "one step from pure noise" if steps == 1 else f"{steps} steps, LCM re-noising between them"
-    gan = (f"on from step {cfg.gan.start_step}, weights G {cfg.gan.generator_weight} / D {cfg.gan.discriminator_weight}, "
-           f"real latents `{cfg.gan.real_latents}`" if cfg.gan.real_latents else "off")
     text = f"""---
 {card_metadata(model, base, steps, pipeline)}
 ---
@@ -149,7 +157,7 @@ Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXi
 | real-score guidance | {cfg.dmd.real_guidance_scale} |
 | DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}] |
 | fake updates per step | {cfg.dmd.fake_updates_per_step} |
-| GAN (DMD2) | {gan} |
+| GAN (DMD2) | {gan_summary(cfg)} |
 | regression | {cfg.regression.loss} (lambda={cfg.regression.weight}, decoder={cfg.regression.decoder}) |
 | optimiser | {cfg.optim.optimizer}, lr G {cfg.optim.lr_generator} / fake {cfg.optim.lr_fake} |
 | steps x batch | {cfg.train.max_steps} x {cfg.train.batch_size} per process |

@@ -138,9 +138,8 @@ def train_classifier(images, labels, steps: int = 1500, batch: int = 128, seed: 
 def main(argv=None):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
-    from transformers import CLIPTokenizer
 
-    from sd_dmd.models.tiny import write_clip_tokenizer
+    from sd_dmd.models.tiny import clip_tokenizer
     from sd_dmd.data.digits import ASSETS
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -157,17 +156,13 @@ def main(argv=None):
     clf = train_classifier(images, labels, args.classifier_steps, seed=args.seed)
     save_file(clf.state_dict(), str(args.out / "digits_classifier.safetensors"))
     vae = train_vae(images, args.vae_steps, seed=args.seed)
-    tok_dir = write_clip_tokenizer(args.out / "_tokenizer_tmp")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = clip_tokenizer()
     unet, te = train_unet(images, labels, vae, tokenizer, args.unet_steps, seed=args.seed)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(args.out / "digits_teacher")
-    import shutil
-
-    shutil.rmtree(tok_dir)
     print(f"saved {args.out / 'digits_teacher'} and the classifier in {(time.time() - t0) / 60:.1f} min")
 
 
