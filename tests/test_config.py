@@ -102,7 +102,11 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
         if "sdxl" in name:
             assert c.model.resolution == 1024 and c.gan.generator_weight == 5e-3 and c.dmd.real_guidance_scale == 8
     assert cfgs["sdxl_dmd2"].dmd.generator_timesteps == [399]
-    assert cfgs["sd15_dmd2_gan"].optim.lr_generator < cfgs["sd15_dmd2"].optim.lr_generator  # DMD2's second stage
+    # DMD2's two SD1.5 stages in one run: stage 1's lr, then lr / 20 with the GAN on from the same step
+    one_run, stage1 = cfgs["sd15_dmd2_gan"], cfgs["sd15_dmd2"]
+    assert one_run.optim.lr_generator == stage1.optim.lr_generator and one_run.optim.lr_scheduler == "step_down"
+    at = int(one_run.optim.step_down_at * one_run.train.max_steps)
+    assert at == stage1.train.max_steps == one_run.gan.start_step and one_run.optim.step_down_factor == 1 / 20
 
 
 def test_step_down_schedule_is_the_second_stage_in_one_run():

@@ -159,6 +159,18 @@ def test_a_fresh_gan_head_follows_the_fake_scores_decaying_schedule(setup, real_
     assert lr_head == pytest.approx(lr_fake) and lr_fake < t.cfg.optim.lr_fake
 
 
+def test_a_gan_switched_on_mid_run_follows_the_fake_scores_step_down(setup, real_latents, tmp_path):
+    """DMD2's two SD1.5 stages in one run (configs/sd15_dmd2_gan.yaml): the lr steps down where gan.start_step
+    switches the GAN on. The head's schedule only stepped while the GAN was on, so it used to start at the peak
+    (x20 the fake score's lr at SD1.5's factor)."""
+    t = train(_cfg(setup, tmp_path / "r", "--train.max_steps", "4", "--optim.lr_scheduler", "step_down",
+                   "--optim.step_down_at", "0.75", "--optim.step_down_factor", "0.05", "--optim.warmup_steps", "0",
+                   "--gan.real_latents", real_latents, "--gan.start_step", "3"))
+    lr_fake, lr_head = t.opt_f.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"]
+    assert lr_fake == pytest.approx(0.05 * t.cfg.optim.lr_fake) and lr_head == pytest.approx(lr_fake)
+    assert t.sched_d.last_epoch == t.sched_f.last_epoch
+
+
 def test_ema_switched_on_at_resume_starts_from_the_resumed_generator(setup, tmp_path):
     """The EMA is built before the checkpoint loads; a checkpoint without one must not hand final/ the untrained
     adapter (B = 0). Re-exporting a finished run with the EMA on, no step follows: final/ is the checkpoint's G."""

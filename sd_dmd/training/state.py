@@ -204,8 +204,7 @@ def _load_gan_head(t, path: Path, state: dict) -> list[str]:
         return []
     # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's schedule
     # (built at step 0) takes the fake score's position, so that their learning rates stay equal
-    t.sched_d.last_epoch = state["sched_fake"]["last_epoch"]
-    set_base_lr(t.opt_d, t.sched_d, t.cfg.optim.lr_fake)
+    follow_schedule(t.opt_d, t.sched_d, t.sched_f, t.cfg.optim.lr_fake)
     return [f"GAN on from step {max(state['step'], t.cfg.gan.start_step)}: the discriminator head starts fresh"]
 
 
@@ -239,6 +238,13 @@ def _load_streams(t, path: Path, saved_n: int) -> None:
             f"{saved_n * t.samples_per_step_per_process()} -> {n * t.samples_per_step_per_process()}")
     t.history.append({"step": t.step, "note": note})
     t.log(f"resumed from {path}; {note}")
+
+
+def follow_schedule(optimizer, scheduler, leader, lr: float) -> None:
+    """``scheduler`` (the GAN head's) takes ``leader``'s position (the fake score's) and applies its lr there: a
+    head built at step 0 whose GAN switched on later (a resume, or gan.start_step) would restart at the peak."""
+    scheduler.last_epoch = leader.last_epoch
+    set_base_lr(optimizer, scheduler, lr)
 
 
 def set_base_lr(optimizer, scheduler, lr: float) -> tuple[float, float]:

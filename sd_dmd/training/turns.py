@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from sd_dmd.core.step import critic_loss, generator_loss, generator_samples, split_batch
+from sd_dmd.training.state import follow_schedule
 
 
 def add_mean(total: dict, stats: dict, n: int) -> None:
@@ -108,6 +109,8 @@ def fake_turn(t, samples: Optional[list] = None) -> tuple[dict, bool]:
         add_mean(stats, s, n_acc)
     groups = [(t.fake_params, t.opt_f, t.sched_f)]
     if gan:  # the GAN head steps in the same decision as the fake score
+        if t.sched_d.last_epoch != t.sched_f.last_epoch:  # switched on mid-run (gan.start_step): the head's schedule
+            follow_schedule(t.opt_d, t.sched_d, t.sched_f, cfg.optim.lr_fake)  # takes the fake score's position
         groups.append((t.head_params, t.opt_d, t.sched_d))
     norm, applied = apply_gradients(t.acc, groups, stats, t.cfg.optim.max_grad_norm)
     stats["grad_norm_fake"] = norm
