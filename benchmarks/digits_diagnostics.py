@@ -4,7 +4,7 @@
     python benchmarks/digits_diagnostics.py --table runs/diag/*.json     # the sweep table of finished runs
 
 Everything after ``--`` is passed to the config exactly as on train_text2image.py's command line (on top of
-configs/digits.yaml). The run uses the trainer's own step (``Trainer.train_step``), so what is measured is
+configs/digits_dmd.yaml). The run uses the trainer's own step (``Trainer.train_step``), so what is measured is
 what ``train_text2image.py`` trains. Every ``probe_every`` generator steps, on a fixed probe set (fixed noise,
 prompts, timesteps), it records per timestep band:
 
@@ -42,7 +42,7 @@ def build_trainer(overrides: list[str], steps: int, log=lambda *a, **k: None):
     from sd_dmd.training.loop import Trainer
     from sd_dmd.training.config import Config
 
-    cfg, _ = load_config(Config, ["--config", str(ROOT / "configs" / "digits.yaml"),
+    cfg, _ = load_config(Config, ["--config", str(ROOT / "configs" / "digits_dmd.yaml"),
                                   "--train.max_steps", str(steps), *overrides])
     acc = Accelerator(cpu=True, mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "auto"
                       else "no")
@@ -169,7 +169,7 @@ def run(overrides: list[str], steps: int, probe_every: int, eval_every: int, eva
 
 def table(paths: list[Path]) -> str:
     """A markdown table of finished runs: overrides, steps, wall time, best and last digits-FID / coverage."""
-    lines = ["| run | overrides (on configs/digits.yaml) | steps | wall | FID start -> best (step) -> last | "
+    lines = ["| run | overrides (on configs/digits_dmd.yaml) | steps | wall | FID start -> best (step) -> last | "
              "coverage last | accuracy last | fake/teacher loss, t 750-980, last probe |",
              "|---|---|---|---|---|---|---|---|"]
     for path in paths:

@@ -4,9 +4,10 @@
 
 Rows: the teacher at 50 steps (PNDM, CFG 3 = the real score's guidance) and at one step, with CFG 3 and without
 guidance (the latter is exactly the generator before training: its LoRA starts at zero); then one-step generators
-distilled with the shipped recipe (configs/digits.yaml) and the ablations of the paper's Table 2 on top of it.
-Every distillation uses the scripts a user runs (generate_pairs.py, train_text2image.py with configs/digits.yaml
-plus the overrides shown). Final metrics load ``final/`` into a fresh diffusers pipeline; the curve evaluates every
+distilled with DMD's recipe (configs/digits_dmd.yaml: the default before issue 27) and the ablations of the paper's
+Table 2 on top of it, and the DMD2 rows of issue 16. Every distillation uses the scripts a user runs
+(generate_pairs.py, train_text2image.py with its config plus the overrides shown). The shipped recipes of today
+(configs/digits.yaml, digits_dmd2_gan.yaml, digits_dmd2_4step.yaml as shipped) are benchmarks/recipes.py's. Final metrics load ``final/`` into a fresh diffusers pipeline; the curve evaluates every
 checkpoint's generator LoRA the same way on one seed. Metrics: digits-FID, prompt accuracy, mean per-class
 coverage, each the mean +- std over the evaluation seeds.
 """
@@ -35,6 +36,7 @@ TEACHER_50 = f"teacher, 50 steps (PNDM, CFG {GUIDANCE:g})"
 TEACHER_50_CFG3 = "teacher, 50 steps (PNDM, CFG 3: the reference before issue 15)"
 TEACHER_1 = f"teacher, 1 step (CFG {GUIDANCE:g})"
 TEACHER_1_NOCFG = "teacher, 1 step, no CFG (= G at step 0)"
+BEGIN, END = "<!-- recipes.py: begin -->", "<!-- recipes.py: end -->"  # benchmarks/recipes.py's block
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Row:
 
     name: str
     overrides: tuple[str, ...] = ()  # on top of the config; "REAL": the benchmark's real digits as latents
-    config: str = "digits"  # configs/<config>.yaml
+    config: str = "digits_dmd"  # configs/<config>.yaml
     resume: Row | None = None  # a second stage: resumes this row's finished run (a new output_dir, no --overwrite)
     resume_step: int | None = None  # ... from its checkpoint at this step
     table2: bool = False  # an ablation of the paper's Table 2: the targets check "shipped < this row"
@@ -53,13 +55,16 @@ class Row:
     gan_control: Row | None = None  # the same training without the GAN: "the GAN's own share" compares them
 
 
+# the DMD2 configs as issue 16 measured them (since issue 27 they ship adaptive GAN weights, a step-down, 1,800 steps)
+_ISSUE16 = ("--train.max_steps", "400", "--optim.lr_scheduler", "constant_with_warmup", "--gan.weight_mode", "fixed",
+            "--gan.generator_weight", "1e-3", "--gan.discriminator_weight", "1e-2")
 _X64 = ("--gan.generator_weight", "0.064", "--gan.discriminator_weight", "0.64")  # see the x64 row
 _1200 = ("--train.max_steps", "1200", "--checkpointing.every", "200")
 _STAGE2 = ("--train.max_steps", "1800", "--checkpointing.every", "200", "--optim.lr_generator", "1e-4",
            "--optim.lr_fake", "3e-4")
 # every row, in the order of the tables, curves and picture; the shipped recipe is the first
 ROWS = [
-    Row("shipped recipe (configs/digits.yaml)"),
+    Row("DMD recipe (configs/digits_dmd.yaml)"),
     Row("distribution matching only (DMD2-style)", ("--regression.loss", "none"), table2=True),
     Row("regression only", ("--dmd.dm_weight", "0"), table2=True),
     Row("the recipe before issue 15", (
@@ -68,26 +73,28 @@ ROWS = [
         "--regression.loss", "l2", "--train.ema_decay", "0", "--dmd.real_guidance_scale", "3")),
     # DMD2 (issue 16): their own configs; the GAN rows train against the 1,797 real digits (sd_dmd.encode_images)
     Row("DMD2 (TTUR 2, no regression)", config="digits_dmd2"),
-    (_gan := Row("DMD2 + GAN", config="digits_dmd2_gan")),
-    Row("DMD2 + GAN, 4 steps", config="digits_dmd2_4step", one_step_twin=_gan),
+    (_gan := Row("DMD2 + GAN", _ISSUE16, config="digits_dmd2_gan")),
+    Row("DMD2 + GAN, 4 steps", _ISSUE16, config="digits_dmd2_4step", one_step_twin=_gan),
     Row("DMD + GAN (with regression)", ("--gan.real_latents", "REAL")),
     # DMD2's SD1.5 weights balance a per-sample GAN loss against per-element DM/fake losses over 4x64x64 latents;
     # over the digits' 4x8x8 the same weights are 64x weaker relative to them: this row scales both by 64
-    Row("DMD2 + GAN x64 (weights scaled to the latent size)", _X64, "digits_dmd2_gan"),
+    Row("DMD2 + GAN x64 (weights scaled to the latent size)", _ISSUE16 + _X64, "digits_dmd2_gan"),
     # the curves still fall at 400 steps: the x64 GAN row and its no-GAN control, trained 3x longer (checkpoints
     # every 200 steps; runs finished by a resume count, and a note beside their time says so: see time_notes)
     (_control := Row("DMD2, 1200 steps (TTUR 2, no regression; the control for the row below)", _1200,
                      "digits_dmd2")),
-    (_x64_1200 := Row("DMD2 + GAN x64, 1200 steps", _X64 + _1200, "digits_dmd2_gan", gan_control=_control)),
-    Row("DMD2 + GAN x256, 1200 steps", ("--gan.generator_weight", "0.256", "--gan.discriminator_weight", "2.56",
-                                        *_1200), "digits_dmd2_gan"),
+    (_x64_1200 := Row("DMD2 + GAN x64, 1200 steps", _ISSUE16 + _X64 + _1200, "digits_dmd2_gan",
+                      gan_control=_control)),
+    Row("DMD2 + GAN x256, 1200 steps", (*_ISSUE16, "--gan.generator_weight", "0.256", "--gan.discriminator_weight",
+                                        "2.56", *_1200), "digits_dmd2_gan"),
     # DMD2's second stage (their SD1.5 recipe drops the lr ~20x for it): the finished x64 run resumed for 600 more
     # steps at a lower lr, from its checkpoint at resume_step
-    (_x64_stage2 := Row("DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
+    (_x64_stage2 := Row("DMD2 + GAN x64, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _ISSUE16 + _X64 + _STAGE2,
                         "digits_dmd2_gan", resume=_x64_1200, resume_step=1200)),
     # 4 steps by backward simulation with the 1-step x64 rows' weights, length and second stage: "4 steps beat 1"
-    (_x64_4 := Row("DMD2 + GAN x64, 4 steps, 1200 steps", _X64 + _1200, "digits_dmd2_4step", one_step_twin=_x64_1200)),
-    Row("DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _X64 + _STAGE2,
+    (_x64_4 := Row("DMD2 + GAN x64, 4 steps, 1200 steps", _ISSUE16 + _X64 + _1200, "digits_dmd2_4step",
+                   one_step_twin=_x64_1200)),
+    Row("DMD2 + GAN x64, 4 steps, 1200 steps, then 600 at lr/3 (DMD2's second stage)", _ISSUE16 + _X64 + _STAGE2,
         "digits_dmd2_4step", resume=_x64_4, resume_step=1200, one_step_twin=_x64_stage2),
 ]
 ROW = {r.name: r for r in ROWS}  # name -> row: --variants and every table look rows up by name
@@ -173,7 +180,7 @@ def plot_curves(curves: dict, levels: dict, path: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/digits_quality"))
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/digits.yaml)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: each row's config)")
     p.add_argument("--num_pairs", type=int, default=500)
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per_class", type=int, default=100)
@@ -272,7 +279,7 @@ def main():
                 make_inputs(pairs.parent, args.num_pairs, guidance=g)
         config = row.config
         extra = [str(real) if a == "REAL" else a for a in extra]
-        if config != "digits" and "GAN" in name:  # the config names demo_out/real; the benchmark has its own
+        if config != "digits_dmd" and "GAN" in name:  # the config names demo_out/real; the benchmark has its own
             extra = extra + ["--gan.real_latents", str(real)]
         argv = ["--config", str(ROOT / "configs" / f"{config}.yaml"), "--output_dir", str(run),
                 "--regression.pairs_dir", str(pairs), "--data.prompts", str(inputs / "prompts.txt"),
@@ -370,7 +377,7 @@ def at_a_glance(rows, times, teacher) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|",
             *[row_line(n, rows[n], teacher, times) for n in pick], "",
             "Mean +- std over the evaluation seeds; 'x teacher' divides by the 50-step teacher at CFG "
-            f"{GUIDANCE:g}. The shipped recipe is `configs/digits.yaml`, what `make demo` runs ([DMD2.md](DMD2.md) for "
+            f"{GUIDANCE:g}. The DMD recipe is `configs/digits_dmd.yaml`, what `make demo` ran before issue 27 ([DMD2.md](DMD2.md) for "
             "the GAN recipes).", "", "![quality curve](quality_curve.png)", "",
             "`quality_curve.png`: digits-FID and coverage of every checkpoint's generator against training step, "
             "with the teacher's levels as lines (one seed, 50 images per digit).", ""]
@@ -386,9 +393,12 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
               f"from earlier runs in {args.out} (the first full run took {json.loads(full.read_text())['minutes']:.0f} "
               "min); the other runs were trained, and every one-step row, the curves and the pictures measured, in "
               "this one)" if args.reuse and full.exists() else "")
+    old = args.results.read_text() if args.results.exists() else ""
+    kept = old[old.index(BEGIN):old.index(END) + len(END)] if BEGIN in old and END in old else ""
     lines = [
         "# Results: DMD variants on the digits teacher",
         "",
+        *([kept, ""] if kept else []),  # benchmarks/recipes.py's table of the shipped recipes stays on top
         *at_a_glance(rows, times, teacher),
         "## All rows",
         "",
@@ -398,7 +408,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
         f"{(time.time() - t0) / 60:.0f} min in all{reused}. Teacher: `sd_dmd/assets/digits_teacher` (32 px, latents 4x8x8). "
         f"Pairs: {args.num_pairs} from the 50-step PNDM teacher at CFG {GUIDANCE:g} (`generate_pairs.py`). "
         f"'x teacher' divides by the 50-step teacher at CFG {GUIDANCE:g}, the real score's guidance. Distillation: "
-        "`configs/digits.yaml` with the overrides below. Evaluation: "
+        "`configs/digits_dmd.yaml` (or the config a row names) with the overrides below. Evaluation: "
         f"{args.per_class} images per digit ('a handwritten digit k') per seed, seeds "
         f"{[10_000 + s for s in args.eval_seeds]}; mean +- std over those {len(args.eval_seeds)} seeds (each model "
         "is trained once). Every row uses the same noise per image.",
@@ -410,7 +420,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
     for name, r in rows.items():
         ov = [("demo_out/real" if a == "REAL" else a) for a in (ROW[name].overrides if name in ROW else ())]
         lines.append(row_line(name, r, teacher, times) + (f" {'`' + ' '.join(ov) + '`' if ov else ''} |"))
-    lines += ["", "## Targets (shipped recipe, one step)", ""]
+    lines += ["", "## Targets (the DMD recipe, one step: the default before issue 27)", ""]
     if SHIPPED in rows:
         s = rows[SHIPPED]
         fid_x = s["digits_fid"][0] / teacher["digits_fid"][0]
@@ -428,7 +438,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
         ]
         for other in [r.name for r in ROWS if r.table2]:
             if other in rows:
-                lines.append(f"- Table 2 ordering, shipped < {other}: "
+                lines.append(f"- Table 2 ordering, DMD recipe < {other}: "
                              f"{s['digits_fid'][0] < rows[other]['digits_fid'][0]} "
                              f"({s['digits_fid'][0]:.1f} vs {rows[other]['digits_fid'][0]:.1f})")
     gan_rows = [n for n in rows if "GAN" in n]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_STEPS = 300
 
 
 def _shipped() -> dict:
@@ -30,9 +29,23 @@ def shipped_uses_pairs() -> bool:
     return _shipped()["regression"]["loss"] != "none"
 
 
+def shipped_uses_gan() -> bool:
+    """Whether configs/digits.yaml trains with DMD2's GAN (it then reads the real digits as latents)."""
+    return bool((_shipped().get("gan") or {}).get("real_latents"))
+
+
+def encode_real_digits(out: Path) -> Path:
+    """``out/real``: the 1,797 real digits as latents of the teacher's VAE (~10 s; a complete store is kept)."""
+    from sd_dmd import encode_images
+
+    encode_images.main(["--source", "digits", "--output_dir", str(out / "real")])
+    return out / "real"
+
+
 def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0, guidance: float | None = None) -> None:
     """``out/prompts.txt`` and the teacher's pairs ``out/pairs`` (what configs/digits.yaml reads from demo_out/),
-    made with the real score's guidance (``shipped_guidance()`` unless given). ``num_pairs=0``: prompts only."""
+    made with the real score's guidance (``shipped_guidance()`` unless given), and ``out/real`` when the shipped
+    config has the GAN on. ``num_pairs=0``: no pairs."""
     import generate_pairs
 
     from sd_dmd.data.digits import TEACHER_DIR
@@ -40,6 +53,8 @@ def make_inputs(out: Path, num_pairs: int = 500, seed: int = 0, guidance: float 
 
     out.mkdir(parents=True, exist_ok=True)
     write_prompt_file(out / "prompts.txt", n_per_class=100, seed=seed)
+    if shipped_uses_gan():
+        encode_real_digits(out)
     if num_pairs == 0:
         return
     generate_pairs.main(["--prompts", str(out / "prompts.txt"), "--pretrained_model_name_or_path", str(TEACHER_DIR),
@@ -59,6 +74,8 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
     argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(out / "run"),
             "--regression.pairs_dir", str(out / "pairs"), "--data.prompts", str(out / "prompts.txt"),
             "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite", *extra]
+    if shipped_uses_gan():
+        argv += ["--gan.real_latents", str(out / "real")]
     if steps is not None:
         argv += ["--train.max_steps", str(steps)]
     train_text2image.main(argv)
@@ -130,16 +147,17 @@ def main(argv=None):
     p.add_argument("--num_pairs", type=int, default=None,
                    help="teacher pairs to make (default: 500 when configs/digits.yaml uses regression, else 0; "
                         "--inputs_only: 500)")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS,
-                   help="distillation steps (configs/digits.yaml trains 400; the demo stops at 300 to fit 10 minutes "
-                        "on 2 cores, install included)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="distillation steps (default: configs/digits.yaml's, sized to fit 10 minutes on 2 cores, "
+                        "install included)")
     p.add_argument("--eval_per_class", type=int, default=50, help="images per digit for every row of the table")
     p.add_argument("--inputs_only", action="store_true",
-                   help="only write OUT/prompts.txt and OUT/pairs (the inputs configs/digits.yaml names), then stop")
+                   help="only write OUT/prompts.txt, OUT/pairs and OUT/real (the inputs configs/digits.yaml names), "
+                        "then stop")
     args = p.parse_args(argv)
     if args.inputs_only:
         make_inputs(args.out, 500 if args.num_pairs is None else args.num_pairs)
-        print(f"wrote {args.out / 'prompts.txt'} and {args.out / 'pairs'}")
+        print(f"wrote the inputs configs/digits.yaml names under {args.out}/")
         return
     t0 = time.time()
     num_pairs = args.num_pairs if args.num_pairs is not None else 500 if shipped_uses_pairs() else 0

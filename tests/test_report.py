@@ -12,7 +12,7 @@ from sd_dmd.outputs import report as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Measured runs behind the thresholds (docs/HEALTH.md), rounded to 3 digits. A: the shipped recipe, configs/digits.yaml,
+# Measured runs behind the thresholds (docs/HEALTH.md), rounded to 3 digits. A: the DMD recipe, configs/digits_dmd.yaml,
 # 200 steps logged every 5 (healthy). B: configs/digits_dmd2_gan.yaml broken on purpose (G lr 1e-3, eps fake loss,
 # CFG 3, no EMA, TTUR 1, gan.discriminator_weight 10 = 1000x DMD2's), stopped at step 118, logged every 5.
 RUN_A = {

@@ -1,0 +1,200 @@
+"""The shipped recipes against the teacher, and digits-FID against wall time -> the top of docs/RESULTS.md and
+docs/recipes_wall_time.png.
+
+    OMP_NUM_THREADS=1 python benchmarks/recipes.py [--out runs/recipes] [--rows default one_step] [--reuse]
+
+Rows: the 50-step teacher; `default` = configs/digits.yaml as `make demo` trains it; `one_step` =
+configs/digits_dmd2_gan.yaml (the best one-step recipe); `four_step` = configs/digits_dmd2_4step.yaml (the best
+four-step one). Each row trains its config as shipped (only the paths of the inputs and the checkpoint interval are
+set here), then is scored as benchmarks/digits_quality.py scores a row: 3 seeds x 100 images per digit, mean +- std.
+Every checkpoint's generator (its EMA where the run keeps one) is scored on one seed and 50 images per digit, at the
+wall time the run had spent to reach it (the sum of the logged intervals: samples / samples_per_s). Rows are
+independent: run two instances on different --rows side by side (one thread each), then once more with --reuse and
+no --rows to assemble the table and the picture from what OUT holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ROOT
+from digits_quality import BEGIN, END, finished_with_same_config, lora_timesteps
+
+KEYS = ("digits_fid", "prompt_accuracy", "coverage_mean")
+ROWS = {"default": ("configs/digits.yaml", "default: `configs/digits.yaml`, what `make demo` trains"),
+        "one_step": ("configs/digits_dmd2_gan.yaml", "best one-step: `configs/digits_dmd2_gan.yaml`"),
+        "four_step": ("configs/digits_dmd2_4step.yaml", "best four-step: `configs/digits_dmd2_4step.yaml`")}
+TEACHER = "teacher, 50 steps (PNDM, CFG {g:g})"
+
+
+def wall_minutes(history: list[dict], samples_per_step: int) -> dict[int, float]:
+    """step -> minutes of training spent to reach it, from the logged throughput (each logged entry covers the
+    steps since the previous one, checkpoint writes included)."""
+    out, prev, total = {0: 0.0}, 0, 0.0
+    for h in history:
+        if "samples_per_s" in h:
+            total += (h["step"] - prev) * samples_per_step / h["samples_per_s"] / 60
+            prev = h["step"]
+            out[prev] = total
+    return out
+
+
+def ratio_median(history: list[dict]) -> float | None:
+    r = [h["gan_dm_grad_ratio"] for h in history if "gan_dm_grad_ratio" in h]
+    return float(np.median(r)) if r else None
+
+
+def plot(curves: dict, teacher: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, label in ((axes[0], "digits_fid", "digits-FID (lower is better)"),
+                           (axes[1], "coverage_mean", "coverage (higher is better)")):
+        for name, pts in curves.items():
+            ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+        ax.axhline(teacher[key], color="k", ls="--", lw=1, label="teacher, 50 steps")
+        ax.set_xlabel("training wall time (minutes, 1 CPU thread)")
+        ax.set_ylabel(label)
+        if key == "digits_fid":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Digits students against training wall time (1 seed, 50 images per digit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/recipes"))
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                   help="train and score only these rows (default: all; then the table and picture are written)")
+    p.add_argument("--reuse", action="store_true", help="keep rows whose finished run has the same resolved config")
+    p.add_argument("--curve_every", type=int, default=100)
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    args = p.parse_args()
+    import yaml
+
+    import train_text2image
+    from sd_dmd import encode_images
+    from sd_dmd.data.digits import TEACHER_DIR, write_prompt_file
+    from sd_dmd.demo import make_inputs, shipped_guidance
+    from sd_dmd.evaluation.digits.evaluate import digit_metrics, load_classifier
+    from sd_dmd.evaluation.digits.sampling import (
+        one_step,
+        sample_digits,
+        teacher_pipeline,
+    )
+    from sd_dmd.run_dir import list_checkpoints
+
+    clf, g = load_classifier(), shipped_guidance()
+    args.out.mkdir(parents=True, exist_ok=True)
+    inputs = args.out / "inputs"
+    if not (inputs / "real").exists():
+        write_prompt_file(inputs / "prompts.txt", n_per_class=100, seed=0)
+        encode_images.main(["--source", "digits", "--output_dir", str(inputs / "real")])
+
+    def score(pipe, seeds, per_class, **kw) -> dict:
+        ms = []
+        for s in seeds:
+            imgs, labels = sample_digits(pipe, per_class, 10_000 + s, **kw)
+            ms.append(digit_metrics(imgs, labels, clf))
+        return {k: [float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))] for k in KEYS}
+
+    teacher_file = args.out / "teacher.json"  # measured when assembling (no --rows): side-by-side instances skip it
+    if args.rows is None and not (args.reuse and teacher_file.exists()):
+        pipe = teacher_pipeline(str(TEACHER_DIR))
+        t = {"table": score(pipe, [0, 1, 2], 100, steps=50, guidance=g),
+             "curve": {k: v[0] for k, v in score(pipe, [0], 50, steps=50, guidance=g).items()}}
+        teacher_file.write_text(json.dumps(t, indent=1))
+    for name in args.rows or list(ROWS):
+        config, _ = ROWS[name]
+        run = args.out / name
+        argv = ["--config", str(ROOT / config), "--output_dir", str(run), "--data.prompts", str(inputs / "prompts.txt"),
+                "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--checkpointing.every",
+                str(args.curve_every), "--checkpointing.keep_last", "0", "--overwrite"]
+        shipped = yaml.safe_load((ROOT / config).read_text())
+        if (shipped.get("gan") or {}).get("real_latents"):
+            argv += ["--gan.real_latents", str(inputs / "real")]
+        if shipped["regression"]["loss"] != "none":
+            make_inputs(inputs, 500)  # the teacher's pairs, as make demo makes them
+            argv += ["--regression.pairs_dir", str(inputs / "pairs")]
+        result = args.out / f"{name}.json"
+        if args.reuse and result.exists() and finished_with_same_config(run, argv):
+            print(f"{name}: reusing {run} (same resolved config)", flush=True)
+            continue
+        t0 = time.time()
+        train_text2image.main(argv)
+        seconds = time.time() - t0
+        (run.parent / f"{run.name}.train_seconds.json").write_text(json.dumps({"seconds": seconds}))
+        hist = json.loads((run / "final" / "history.json").read_text())
+        hist = hist["history"] if isinstance(hist, dict) else hist
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        minutes = wall_minutes(hist, cfg["train"]["batch_size"] * cfg["train"]["gradient_accumulation_steps"])
+        ts = lora_timesteps(run / "final")
+        row = score(one_step(str(TEACHER_DIR), str(run / "final")), [0, 1, 2], 100, steps=len(ts), guidance=0.0,
+                    timesteps=ts)
+        curve = []
+        for step, path in [(0, None), *list_checkpoints(run)]:
+            lora = None if path is None else path / "generator_ema" if (path / "generator_ema").exists() \
+                else path / "generator"
+            m = score(one_step(str(TEACHER_DIR), None if lora is None else str(lora)), [0], 50, steps=len(ts),
+                      guidance=0.0, timesteps=ts)
+            curve.append({"step": step, "minutes": minutes.get(step, float("nan")), **{k: v[0] for k, v in m.items()}})
+            print(name, curve[-1], flush=True)
+        result.write_text(json.dumps({"row": row, "train_seconds": seconds, "steps": ts, "curve": curve,
+                                      "gan_dm_grad_ratio_median": ratio_median(hist),
+                                      "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), "
+                                                 f"torch {torch.__version__}"}, indent=1))
+    if args.rows is None or all((args.out / f"{n}.json").exists() for n in ROWS):
+        write_results(args, json.loads(teacher_file.read_text()), g)
+
+
+def write_results(args, teacher: dict, g: float) -> None:
+    rows = {n: json.loads((args.out / f"{n}.json").read_text()) for n in ROWS}
+    plot({ROWS[n][1].split(":")[0]: r["curve"] for n, r in rows.items()}, teacher["curve"],
+         args.results.parent / "recipes_wall_time.png")
+    t = teacher["table"]
+
+    def line(label, r, steps, minutes="", ratio=""):
+        return (f"| {label} | {steps} | {r['digits_fid'][0]:.1f} +- {r['digits_fid'][1]:.1f} | "
+                f"{r['digits_fid'][0] / t['digits_fid'][0]:.2f} | {r['coverage_mean'][0]:.3f} +- "
+                f"{r['coverage_mean'][1]:.3f} | {r['coverage_mean'][0] / t['coverage_mean'][0]:.2f} | "
+                f"{r['prompt_accuracy'][0]:.3f} | {minutes} | {ratio} |")
+
+    machine = next(iter(rows.values()))["machine"]
+    block = [BEGIN, "", "## The shipped recipes", "",
+             "| model | sampling steps | digits-FID (lower is better) | x teacher | coverage | x teacher | "
+             "prompt accuracy | training wall time | GAN/DM gradient ratio (median) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             line(TEACHER.format(g=g), t, 50),
+             *[line(ROWS[n][1], r["row"], len(r["steps"]), f"{r['train_seconds'] / 60:.1f} min",
+                    "" if r["gan_dm_grad_ratio_median"] is None else f"{r['gan_dm_grad_ratio_median']:.2f}")
+               for n, r in rows.items()], "",
+             f"Generated by `python benchmarks/recipes.py` on {machine} (each run on one thread, two runs side by "
+             "side on 2 cores). Mean +- std over 3 seeds x 1000 images, scored as every row below; 'x teacher' divides "
+             f"by the 50-step teacher at CFG {g:g}. Each config trains as shipped.", "",
+             "![digits-FID against wall time](recipes_wall_time.png)", "",
+             "`recipes_wall_time.png`: every checkpoint's generator (one seed, 50 images per digit) against the "
+             "training wall time it took to reach it; the dashed line is the 50-step teacher on the same images.",
+             "", END]
+    text = args.results.read_text() if args.results.exists() else "# Results\n"
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + "\n".join(block) + text[text.index(END) + len(END):]
+    else:
+        head, _, rest = text.partition("\n\n")
+        text = head + "\n\n" + "\n".join(block) + "\n\n" + rest
+    args.results.write_text(text)
+    print("\n".join(block))
+
+
+if __name__ == "__main__":
+    main()
