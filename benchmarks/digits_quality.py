@@ -7,8 +7,9 @@ guidance (the latter is exactly the generator before training: its LoRA starts a
 distilled with DMD's recipe (configs/digits_dmd.yaml: the default before issue 27) and the ablations of the paper's
 Table 2 on top of it, and the DMD2 rows of issue 16. Every distillation uses the scripts a user runs
 (generate_pairs.py, train_text2image.py with its config plus the overrides shown). The shipped recipes of today
-(configs/digits.yaml, digits_dmd2_gan.yaml, digits_dmd2_4step.yaml as shipped) are benchmarks/recipes.py's. Final metrics load ``final/`` into a fresh diffusers pipeline; the curve evaluates every
-checkpoint's generator LoRA the same way on one seed. Metrics: digits-FID, prompt accuracy, mean per-class
+(configs/digits.yaml, digits_dmd2_gan.yaml, digits_dmd2_4step.yaml as shipped): benchmarks/recipes.py. Final
+metrics load ``final/`` into a fresh diffusers pipeline; the curve evaluates every checkpoint's generator LoRA the
+same way on one seed. Metrics: digits-FID, prompt accuracy, mean per-class
 coverage, each the mean +- std over the evaluation seeds.
 """
 from __future__ import annotations
@@ -371,13 +372,14 @@ def at_a_glance(rows, times, teacher) -> list[str]:
             for k in (1, 4)}
     pick = [TEACHER_50, SHIPPED, best[1], best[4]]
     pick = [n for i, n in enumerate(pick) if n is not None and n in rows and n not in pick[:i]]
-    return ["## At a glance", "",
+    return ["## DMD and DMD2 variants (issue 16) at a glance", "",
             "| model | sampling steps | digits-FID (lower is better) | x teacher | prompt accuracy | coverage | "
             "x teacher | ms / image | training time |",
             "|---|---|---|---|---|---|---|---|---|",
             *[row_line(n, rows[n], teacher, times) for n in pick], "",
             "Mean +- std over the evaluation seeds; 'x teacher' divides by the 50-step teacher at CFG "
-            f"{GUIDANCE:g}. The DMD recipe is `configs/digits_dmd.yaml`, what `make demo` ran before issue 27 ([DMD2.md](DMD2.md) for "
+            f"{GUIDANCE:g}. The DMD recipe is `configs/digits_dmd.yaml`, what `make demo` ran before issue 27 "
+            "([DMD2.md](DMD2.md) for "
             "the GAN recipes).", "", "![quality curve](quality_curve.png)", "",
             "`quality_curve.png`: digits-FID and coverage of every checkpoint's generator against training step, "
             "with the teacher's levels as lines (one seed, 50 images per digit).", ""]
@@ -481,7 +483,7 @@ def write_results(args, rows, times, commands, names, order, t0, gan_history=Non
         f"- The 50-step teacher at CFG 3, the reference of the earlier table, re-measures at "
         f"{rows[TEACHER_50_CFG3]['digits_fid'][0]:.1f} digits-FID and {rows[TEACHER_50_CFG3]['coverage_mean'][0]:.3f} "
         "coverage here (the earlier table, made with torch 2.14.1, said 120.0 and 0.581; the evaluator and sampler "
-        "code did not change, the cause was not found). Against it the shipped student is at "
+        "code did not change, the cause was not found). Against it the DMD recipe's student is at "
         f"{rows[SHIPPED]['digits_fid'][0] / rows[TEACHER_50_CFG3]['digits_fid'][0]:.2f}x FID; against the teacher "
         "at the real score's own guidance (CFG 1.75, the one distillation targets), the ratios above." if
         TEACHER_50_CFG3 in rows and SHIPPED in rows else "- (no CFG-3 reference row)",

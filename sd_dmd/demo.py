@@ -73,9 +73,10 @@ def run_chain(out: Path, num_pairs: int = 500, steps: int | None = None, seed: i
     make_inputs(out, num_pairs, seed)
     argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output_dir", str(out / "run"),
             "--regression.pairs_dir", str(out / "pairs"), "--data.prompts", str(out / "prompts.txt"),
-            "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite", *extra]
+            "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--overwrite"]
     if shipped_uses_gan():
         argv += ["--gan.real_latents", str(out / "real")]
+    argv += list(extra)  # last: they win
     if steps is not None:
         argv += ["--train.max_steps", str(steps)]
     train_text2image.main(argv)

@@ -92,10 +92,13 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     cfgs = {p.stem: load_config(Config, ["--config", str(p)])[0] for p in sorted(root.glob("*.yaml"))}
-    assert {"digits", "digits_dmd2", "digits_dmd2_gan", "digits_dmd2_4step", "sd15_dmd", "sd15_dmd2",
+    assert {"digits", "digits_dmd", "digits_dmd2", "digits_dmd2_gan", "digits_dmd2_4step", "sd15_dmd", "sd15_dmd2",
             "sd15_dmd2_gan", "sd15_dmd2_4step", "sdxl_dmd2", "sdxl_dmd2_4step", "tiny"} <= cfgs.keys()
     for name, c in cfgs.items():  # DMD2's SDXL runs both have the GAN
-        assert bool(c.gan.real_latents) == ("gan" in name or "4step" in name or "sdxl" in name), name
+        gan = "gan" in name or "4step" in name or "sdxl" in name or name == "digits"  # digits: the default's GAN
+        assert bool(c.gan.real_latents) == gan, name
+        if gan:  # the digits recipes set the GAN weight as a gradient ratio; SD1.5/SDXL keep DMD2's published weights
+            assert c.gan.weight_mode == ("adaptive" if name.startswith("digits") else "fixed"), name
         assert len(c.dmd.generator_timesteps) == (4 if "4step" in name else 1), name
         if "dmd2" in name:  # sdxl_dmd2 keeps DMD2's regression pre-training of its one-step SDXL, in the same run
             assert (c.regression.loss == "none") != (name == "sdxl_dmd2") and c.dmd.fake_updates_per_step > 1, name

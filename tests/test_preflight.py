@@ -44,9 +44,20 @@ def test_shipped_tiny_config_passes_after_its_command(in_tmp, tiny_pipe_dir):
 def test_shipped_digits_config_names_the_demo_command(in_tmp):
     problems = find_problems(_cfg("digits.yaml", "--model.pretrained_model_name_or_path",
                                   str(ROOT / "sd_dmd" / "assets" / "digits_teacher")))
-    assert len(problems) == 2
+    assert len(problems) == 3  # the default (issue 27) reads the teacher's pairs and, for its GAN, the real digits
     assert all("python -m sd_dmd.demo --inputs_only" in p for p in problems), problems
     assert "demo_out/prompts.txt" in problems[0] and "demo_out/pairs" in problems[1]
+    assert problems[2].startswith("gan.real_latents: demo_out/real is not a real-latent store")
+
+
+def test_a_missing_real_latent_store_names_the_command_that_makes_it(in_tmp, tiny_pipe_dir):
+    (in_tmp / "p.txt").write_text("a cat\n")
+    problems = find_problems(_cfg("tiny.yaml", "--model.pretrained_model_name_or_path", str(tiny_pipe_dir),
+                                  "--regression.loss", "none", "--data.prompts", "p.txt",
+                                  "--gan.real_latents", "real/laion"))
+    assert problems == ["gan.real_latents: real/laion is not a real-latent store (no manifest.json); make it with "
+                        "python -m sd_dmd.encode_images --images ... --output_dir real/laion (same VAE and resolution), "
+                        "or pass --gan.real_latents DIR"]
 
 
 def test_local_dir_that_is_not_a_pipeline(in_tmp):

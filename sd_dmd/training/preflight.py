@@ -148,6 +148,11 @@ def find_problems(cfg) -> list[str]:
         elif not (store / MANIFEST).is_file():
             problems.append(f"regression.pairs_dir: {r.pairs_dir} has no {MANIFEST} (not a pairs store); {make}, "
                             f"or {alternatives}")
+    real = cfg.gan.real_latents
+    if real and not (Path(real) / MANIFEST).is_file():
+        make = _maker(real) or f"python -m sd_dmd.encode_images --images ... --output_dir {real} (same VAE and resolution)"
+        problems.append(f"gan.real_latents: {real} is not a real-latent store (no {MANIFEST}); make it with {make}, "
+                        "or pass --gan.real_latents DIR")
     resume = cfg.checkpointing.resume_from
     if resume not in (None, "latest") and not (Path(resume) / STATE_FILE).is_file():
         problems.append(f"checkpointing.resume_from: {resume} is not a complete checkpoint (no {STATE_FILE}); "
