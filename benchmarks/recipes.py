@@ -3,7 +3,8 @@ docs/recipes_wall_time.png.
 
     OMP_NUM_THREADS=1 python benchmarks/recipes.py [--out runs/recipes] [--rows default one_step] [--reuse]
 
-Rows: the 50-step teacher; `default` = configs/digits.yaml as `make demo` trains it; `one_step` =
+Rows: the 50-step teacher; `dmd` = configs/digits_dmd.yaml (DMD's recipe, the default until issue 27); `default` =
+configs/digits.yaml as `make demo` trains it; `one_step` =
 configs/digits_dmd2_gan.yaml (the best one-step recipe); `four_step` = configs/digits_dmd2_4step.yaml (the best
 four-step one). Each row trains its config as shipped (only the paths of the inputs and the checkpoint interval are
 set here), then is scored as benchmarks/digits_quality.py scores a row: 3 seeds x 100 images per digit, mean +- std.
@@ -26,7 +27,8 @@ from common import ROOT
 from digits_quality import BEGIN, END, finished_with_same_config, lora_timesteps
 
 KEYS = ("digits_fid", "prompt_accuracy", "coverage_mean")
-ROWS = {"default": ("configs/digits.yaml", "default: `configs/digits.yaml`, what `make demo` trains"),
+ROWS = {"dmd": ("configs/digits_dmd.yaml", "before: `configs/digits_dmd.yaml`, DMD's recipe, the default until issue 27"),
+        "default": ("configs/digits.yaml", "default: `configs/digits.yaml`, what `make demo` trains"),
         "one_step": ("configs/digits_dmd2_gan.yaml", "best one-step: `configs/digits_dmd2_gan.yaml`"),
         "four_step": ("configs/digits_dmd2_4step.yaml", "best four-step: `configs/digits_dmd2_4step.yaml`")}
 TEACHER = "teacher, 50 steps (PNDM, CFG {g:g})"
@@ -49,7 +51,7 @@ def ratio_median(history: list[dict]) -> float | None:
     return float(np.median(r)) if r else None
 
 
-def plot(curves: dict, teacher: dict, path: Path) -> None:
+def plot(curves: dict, teacher: dict, path: Path, axis: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,13 +63,13 @@ def plot(curves: dict, teacher: dict, path: Path) -> None:
         for name, pts in curves.items():
             ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
         ax.axhline(teacher[key], color="k", ls="--", lw=1, label="teacher, 50 steps")
-        ax.set_xlabel("training wall time (minutes, 1 CPU thread)")
+        ax.set_xlabel(axis, fontsize=8)
         ax.set_ylabel(label)
         if key == "digits_fid":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Digits students against training wall time (1 seed, 50 images per digit)")
+    fig.suptitle("Digits students against training time (1 seed, 50 images per digit)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -79,6 +81,9 @@ def main():
                    help="train and score only these rows (default: all; then the table and picture are written)")
     p.add_argument("--reuse", action="store_true", help="keep rows whose finished run has the same resolved config")
     p.add_argument("--curve_every", type=int, default=100)
+    p.add_argument("--calibrate", action="store_true",
+                   help="only measure each row's seconds per step alone (30 steps; run it on an idle machine): the "
+                        "picture's time axis then is steps x that, the same footing for every recipe")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = p.parse_args()
     import yaml
@@ -115,18 +120,37 @@ def main():
         t = {"table": score(pipe, [0, 1, 2], 100, steps=50, guidance=g),
              "curve": {k: v[0] for k, v in score(pipe, [0], 50, steps=50, guidance=g).items()}}
         teacher_file.write_text(json.dumps(t, indent=1))
-    for name in args.rows or list(ROWS):
-        config, _ = ROWS[name]
-        run = args.out / name
-        argv = ["--config", str(ROOT / config), "--output_dir", str(run), "--data.prompts", str(inputs / "prompts.txt"),
+    def row_argv(name: str, run: Path) -> list[str]:
+        config = ROOT / ROWS[name][0]
+        argv = ["--config", str(config), "--output_dir", str(run), "--data.prompts", str(inputs / "prompts.txt"),
                 "--model.pretrained_model_name_or_path", str(TEACHER_DIR), "--checkpointing.every",
                 str(args.curve_every), "--checkpointing.keep_last", "0", "--overwrite"]
-        shipped = yaml.safe_load((ROOT / config).read_text())
+        shipped = yaml.safe_load(config.read_text())
         if (shipped.get("gan") or {}).get("real_latents"):
             argv += ["--gan.real_latents", str(inputs / "real")]
         if shipped["regression"]["loss"] != "none":
             make_inputs(inputs, 500)  # the teacher's pairs, as make demo makes them
             argv += ["--regression.pairs_dir", str(inputs / "pairs")]
+        return argv
+
+    if args.calibrate:  # each recipe's step time alone on this process's threads: 30 steps, the last 20 timed
+        cal = {}
+        for name in args.rows or list(ROWS):
+            run = args.out / "calibration_run"
+            train_text2image.main([*row_argv(name, run), "--train.max_steps", "30", "--logging.every", "5",
+                                   "--checkpointing.every", "0"])
+            hist = json.loads((run / "final" / "history.json").read_text())
+            hist = hist["history"] if isinstance(hist, dict) else hist
+            batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
+            cal[name] = float(np.median([batch / h["samples_per_s"] for h in hist
+                                         if "samples_per_s" in h and h["step"] > 10]))
+            print(f"{name}: {cal[name]:.3f} s/step alone on {torch.get_num_threads()} thread(s)", flush=True)
+        (args.out / "calibration.json").write_text(json.dumps({"seconds_per_step": cal,
+                                                              "threads": torch.get_num_threads()}, indent=1))
+        return
+    for name in args.rows or list(ROWS):
+        run = args.out / name
+        argv = row_argv(name, run)
         result = args.out / f"{name}.json"
         if args.reuse and result.exists() and finished_with_same_config(run, argv):
             print(f"{name}: reusing {run} (same resolved config)", flush=True)
@@ -154,14 +178,23 @@ def main():
                                       "gan_dm_grad_ratio_median": ratio_median(hist),
                                       "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), "
                                                  f"torch {torch.__version__}"}, indent=1))
-    if args.rows is None or all((args.out / f"{n}.json").exists() for n in ROWS):
+    if args.rows is None:
         write_results(args, json.loads(teacher_file.read_text()), g)
 
 
 def write_results(args, teacher: dict, g: float) -> None:
     rows = {n: json.loads((args.out / f"{n}.json").read_text()) for n in ROWS}
+    cal_file = args.out / "calibration.json"
+    cal = json.loads(cal_file.read_text()) if cal_file.exists() else None
+    if cal:  # every recipe on the same footing: its steps x its step time measured alone
+        for n, r in rows.items():
+            for pt in r["curve"]:
+                pt["minutes"] = pt["step"] * cal["seconds_per_step"][n] / 60
+        axis = f"training time (minutes at {cal['threads']} CPU thread(s) alone: steps x each recipe's step time)"
+    else:
+        axis = "training wall time as run (minutes; the load differed between runs)"
     plot({ROWS[n][1].split(":")[0]: r["curve"] for n, r in rows.items()}, teacher["curve"],
-         args.results.parent / "recipes_wall_time.png")
+         args.results.parent / "recipes_wall_time.png", axis)
     t = teacher["table"]
 
     def line(label, r, steps, minutes="", ratio=""):
@@ -173,15 +206,20 @@ def write_results(args, teacher: dict, g: float) -> None:
     machine = next(iter(rows.values()))["machine"]
     block = [BEGIN, "", "## The shipped recipes", "",
              "| model | sampling steps | digits-FID (lower is better) | x teacher | coverage | x teacher | "
-             "prompt accuracy | training wall time | GAN/DM gradient ratio (median) |",
-             "|---|---|---|---|---|---|---|---|---|",
-             line(TEACHER.format(g=g), t, 50),
-             *[line(ROWS[n][1], r["row"], len(r["steps"]), f"{r['train_seconds'] / 60:.1f} min",
+             "prompt accuracy | training steps | training time alone | wall time as run | "
+             "GAN/DM gradient ratio (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             line(TEACHER.format(g=g), t, 50, "| | "),
+             *[line(ROWS[n][1], r["row"], len(r["steps"]),
+                    f"{r['curve'][-1]['step']} | "
+                    + (f"{r['curve'][-1]['minutes']:.1f} min" if cal else "") + f" | {r['train_seconds'] / 60:.1f} min",
                     "" if r["gan_dm_grad_ratio_median"] is None else f"{r['gan_dm_grad_ratio_median']:.2f}")
                for n, r in rows.items()], "",
-             f"Generated by `python benchmarks/recipes.py` on {machine} (each run on one thread, two runs side by "
-             "side on 2 cores). Mean +- std over 3 seeds x 1000 images, scored as every row below; 'x teacher' divides "
-             f"by the 50-step teacher at CFG {g:g}. Each config trains as shipped.", "",
+             f"Generated by `python benchmarks/recipes.py` on {machine}. Mean +- std over 3 seeds x 1000 images, "
+             "scored as every row below; 'x teacher' divides by the 50-step teacher at CFG "
+             f"{g:g}. Each config trains as shipped. 'Training time alone': the steps x the recipe's step time "
+             + (f"measured alone on {cal['threads']} thread(s) (`--calibrate`)" if cal else "(not calibrated)")
+             + "; 'wall time as run': what the run took, its load noted below.", "",
              "![digits-FID against wall time](recipes_wall_time.png)", "",
              "`recipes_wall_time.png`: every checkpoint's generator (one seed, 50 images per digit) against the "
              "training wall time it took to reach it; the dashed line is the 50-step teacher on the same images.",
