@@ -1,17 +1,18 @@
-"""The shipped recipes against the teacher, and digits-FID against wall time -> the top of docs/RESULTS.md and
+"""The shipped recipes against the teacher, and digits-FID against training time -> the top of docs/RESULTS.md and
 docs/recipes_wall_time.png.
 
-    OMP_NUM_THREADS=1 python benchmarks/recipes.py [--out runs/recipes] [--rows default one_step] [--reuse]
+    OMP_NUM_THREADS=1 python benchmarks/recipes.py --rows one_step &    # rows side by side, one thread each
+    OMP_NUM_THREADS=1 python benchmarks/recipes.py --rows four_step
+    python benchmarks/recipes.py --calibrate                           # on an idle machine: step times alone
+    python benchmarks/recipes.py --reuse                               # the rest, then the table and the picture
 
 Rows: the 50-step teacher; `dmd` = configs/digits_dmd.yaml (DMD's recipe, the default until issue 27); `default` =
-configs/digits.yaml as `make demo` trains it; `one_step` =
-configs/digits_dmd2_gan.yaml (the best one-step recipe); `four_step` = configs/digits_dmd2_4step.yaml (the best
-four-step one). Each row trains its config as shipped (only the paths of the inputs and the checkpoint interval are
-set here), then is scored as benchmarks/digits_quality.py scores a row: 3 seeds x 100 images per digit, mean +- std.
-Every checkpoint's generator (its EMA where the run keeps one) is scored on one seed and 50 images per digit, at the
-wall time the run had spent to reach it (the sum of the logged intervals: samples / samples_per_s). Rows are
-independent: run two instances on different --rows side by side (one thread each), then once more with --reuse and
-no --rows to assemble the table and the picture from what OUT holds.
+configs/digits.yaml as `make demo` trains it; `one_step` = configs/digits_dmd2_gan.yaml (the best one-step recipe);
+`four_step` = configs/digits_dmd2_4step.yaml (the best four-step one). Each row trains its config as shipped (only
+the input paths and the checkpoint interval are set here), then is scored as benchmarks/digits_quality.py scores a
+row: 3 seeds x 100 images per digit, mean +- std. Every checkpoint's generator (its EMA where the run keeps one) is
+scored on one seed and 50 images per digit. The picture's time axis: steps x the recipe's step time measured alone
+(--calibrate), so that runs made under different loads compare; without it, the wall time as run.
 """
 from __future__ import annotations
 
