@@ -97,8 +97,8 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
     for name, c in cfgs.items():  # DMD2's SDXL runs both have the GAN
         gan = "gan" in name or "4step" in name or "sdxl" in name or name == "digits"  # digits: the default's GAN
         assert bool(c.gan.real_latents) == gan, name
-        if gan:  # the digits recipes set the GAN weight as a gradient ratio; SD1.5/SDXL keep DMD2's published weights
-            assert c.gan.weight_mode == ("adaptive" if name.startswith("digits") else "fixed"), name
+        if gan and not name.startswith("digits"):  # SD1.5/SDXL keep DMD2's published weights
+            assert c.gan.weight_mode == "fixed" and c.gan.discriminator_weight == 1e-2, name
         assert len(c.dmd.generator_timesteps) == (4 if "4step" in name else 1), name
         if "dmd2" in name:  # sdxl_dmd2 keeps DMD2's regression pre-training of its one-step SDXL, in the same run
             assert (c.regression.loss == "none") != (name == "sdxl_dmd2") and c.dmd.fake_updates_per_step > 1, name
