@@ -86,6 +86,7 @@ def main():
                    help="only measure each row's seconds per step alone (30 steps; run it on an idle machine): the "
                         "picture's time axis then is steps x that, the same footing for every recipe")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    p.add_argument("--note", default="", help="a paragraph for the table (how the runs shared the machine)")
     args = p.parse_args()
     import yaml
 
@@ -183,8 +184,35 @@ def main():
         write_results(args, json.loads(teacher_file.read_text()), g)
 
 
+def targets(rows: dict, t: dict) -> list[str]:
+    """Issue 27's targets, each with where the measured row stands."""
+    def x(n, k):
+        return rows[n]["row"][k][0] / t[k][0]
+
+    out = ["Targets (issue 27):", ""]
+    for n, fid, cov in (("default", 1.2, 0.8), ("one_step", 0.85, 0.85), ("four_step", 0.8, 0.95)):
+        if n in rows:
+            out.append(f"- {ROWS[n][1].split(':')[0]}: digits-FID {x(n, 'digits_fid'):.2f}x the teacher's (target <= "
+                       f"{fid}x): {'met' if x(n, 'digits_fid') <= fid else 'missed'}; coverage "
+                       f"{x(n, 'coverage_mean'):.2f}x (target >= {cov}x): "
+                       f"{'met' if x(n, 'coverage_mean') >= cov else 'missed'}")
+    if "default" in rows:
+        gap = (t["prompt_accuracy"][0] - rows["default"]["row"]["prompt_accuracy"][0]) * 100
+        out.append(f"- default: prompt accuracy {gap:+.1f} points below the teacher's (target within 2): "
+                   f"{'met' if abs(gap) <= 2 else 'missed'}")
+    if "one_step" in rows and "four_step" in rows:
+        one, four = rows["one_step"]["row"], rows["four_step"]["row"]
+        fid = one["digits_fid"][0] - four["digits_fid"][0] > max(one["digits_fid"][1], four["digits_fid"][1])
+        cov = four["coverage_mean"][0] - one["coverage_mean"][0] > max(one["coverage_mean"][1],
+                                                                      four["coverage_mean"][1])
+        out.append(f"- four steps beat one by more than the seed spread: digits-FID {fid} "
+                   f"({four['digits_fid'][0]:.1f} vs {one['digits_fid'][0]:.1f}), coverage {cov} "
+                   f"({four['coverage_mean'][0]:.3f} vs {one['coverage_mean'][0]:.3f})")
+    return [*out, ""]
+
+
 def write_results(args, teacher: dict, g: float) -> None:
-    rows = {n: json.loads((args.out / f"{n}.json").read_text()) for n in ROWS}
+    rows = {n: json.loads((args.out / f"{n}.json").read_text()) for n in ROWS if (args.out / f"{n}.json").exists()}
     cal_file = args.out / "calibration.json"
     cal = json.loads(cal_file.read_text()) if cal_file.exists() else None
     if cal:  # every recipe on the same footing: its steps x its step time measured alone
@@ -221,6 +249,7 @@ def write_results(args, teacher: dict, g: float) -> None:
              f"{g:g}. Each config trains as shipped. 'Training time alone': the steps x the recipe's step time "
              + (f"measured alone on {cal['threads']} thread(s) (`--calibrate`)" if cal else "(not calibrated)")
              + "; 'wall time as run': what the run took, its load noted below.", "",
+             *targets(rows, t), *([args.note, ""] if args.note else []),
              "![digits-FID against wall time](recipes_wall_time.png)", "",
              "`recipes_wall_time.png`: every checkpoint's generator (one seed, 50 images per digit) against the "
              "training wall time it took to reach it; the dashed line is the 50-step teacher on the same images.",
