@@ -80,6 +80,7 @@ def main():
     p.add_argument("--out", type=Path, default=Path("runs/recipes"))
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                    help="train and score only these rows (default: all; then the table and picture are written)")
+    p.add_argument("--teacher", action="store_true", help="with --rows: measure the 50-step teacher too")
     p.add_argument("--reuse", action="store_true", help="keep rows whose finished run has the same resolved config")
     p.add_argument("--curve_every", type=int, default=100)
     p.add_argument("--calibrate", action="store_true",
@@ -117,7 +118,7 @@ def main():
         return {k: [float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))] for k in KEYS}
 
     teacher_file = args.out / "teacher.json"  # measured when assembling (no --rows): side-by-side instances skip it
-    if args.rows is None and not (args.reuse and teacher_file.exists()):
+    if (args.rows is None or args.teacher) and not (args.reuse and teacher_file.exists()):
         pipe = teacher_pipeline(str(TEACHER_DIR))
         t = {"table": score(pipe, [0, 1, 2], 100, steps=50, guidance=g),
              "curve": {k: v[0] for k, v in score(pipe, [0], 50, steps=50, guidance=g).items()}}
