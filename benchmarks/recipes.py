@@ -118,7 +118,7 @@ def main():
         return {k: [float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))] for k in KEYS}
 
     teacher_file = args.out / "teacher.json"  # measured when assembling (no --rows): side-by-side instances skip it
-    if (args.rows is None or args.teacher) and not (args.reuse and teacher_file.exists()):
+    if (args.rows is None or args.teacher) and not args.calibrate and not (args.reuse and teacher_file.exists()):
         pipe = teacher_pipeline(str(TEACHER_DIR))
         t = {"table": score(pipe, [0, 1, 2], 100, steps=50, guidance=g),
              "curve": {k: v[0] for k, v in score(pipe, [0], 50, steps=50, guidance=g).items()}}
