@@ -47,6 +47,20 @@ def wall_minutes(history: list[dict], samples_per_step: int) -> dict[int, float]
     return out
 
 
+def same_training(run: Path, argv: list[str]) -> bool:
+    """``run``'s saved config trains what ``argv`` would: equal on every key but paths, logging and checkpoints."""
+    from sd_dmd.config import load_config, to_dict
+    from sd_dmd.training.config import Config
+
+    skip = ("output_dir", "data", "logging", "checkpointing")
+    want, have = (to_dict(load_config(Config, a)[0]) for a in ([x for x in argv if x != "--overwrite"],
+                                                               ["--config", str(run / "config.yaml")]))
+    paths = {("gan", "real_latents"), ("regression", "pairs_dir"), ("train", "mixed_precision")}  # auto = resolved
+    return all(want[g] == have[g] if not isinstance(want[g], dict) else
+               all(v == have[g].get(k) for k, v in want[g].items() if (g, k) not in paths)
+               for g in want if g not in skip)
+
+
 def ratio_median(history: list[dict]) -> float | None:
     r = [h["gan_dm_grad_ratio"] for h in history if "gan_dm_grad_ratio" in h]
     return float(np.median(r)) if r else None
@@ -81,6 +95,9 @@ def main():
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                    help="train and score only these rows (default: all; then the table and picture are written)")
     p.add_argument("--teacher", action="store_true", help="with --rows: measure the 50-step teacher too")
+    p.add_argument("--from_run", nargs="+", default=[], metavar="ROW=RUN_DIR",
+                   help="score a finished run made elsewhere for ROW instead of training it (its config must train "
+                        "the same; its curve is whatever checkpoints it kept)")
     p.add_argument("--reuse", action="store_true", help="keep rows whose finished run has the same resolved config")
     p.add_argument("--curve_every", type=int, default=100)
     p.add_argument("--calibrate", action="store_true",
@@ -151,17 +168,27 @@ def main():
         (args.out / "calibration.json").write_text(json.dumps({"seconds_per_step": cal,
                                                               "threads": torch.get_num_threads()}, indent=1))
         return
+    imported = dict(item.split("=", 1) for item in args.from_run)
     for name in args.rows or list(ROWS):
         run = args.out / name
         argv = row_argv(name, run)
         result = args.out / f"{name}.json"
-        if args.reuse and result.exists() and finished_with_same_config(run, argv):
+        if name in imported:  # a finished run of the same training made elsewhere: scored, not retrained
+            run = Path(imported[name])
+            if not same_training(run, argv):
+                raise SystemExit(f"--from_run {name}={run}: its config trains differently from {ROWS[name][0]}")
+            hist = json.loads((run / "final" / "history.json").read_text())
+            hist = hist["history"] if isinstance(hist, dict) else hist
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            seconds = 60 * max(wall_minutes(hist, cfg["train"]["batch_size"]).values())
+        elif args.reuse and result.exists() and finished_with_same_config(run, argv):
             print(f"{name}: reusing {run} (same resolved config)", flush=True)
             continue
-        t0 = time.time()
-        train_text2image.main(argv)
-        seconds = time.time() - t0
-        (run.parent / f"{run.name}.train_seconds.json").write_text(json.dumps({"seconds": seconds}))
+        else:
+            t0 = time.time()
+            train_text2image.main(argv)
+            seconds = time.time() - t0
+            (run.parent / f"{run.name}.train_seconds.json").write_text(json.dumps({"seconds": seconds}))
         hist = json.loads((run / "final" / "history.json").read_text())
         hist = hist["history"] if isinstance(hist, dict) else hist
         cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -178,6 +205,7 @@ def main():
             curve.append({"step": step, "minutes": minutes.get(step, float("nan")), **{k: v[0] for k, v in m.items()}})
             print(name, curve[-1], flush=True)
         result.write_text(json.dumps({"row": row, "train_seconds": seconds, "steps": ts, "curve": curve,
+                                      "run": str(run),
                                       "gan_dm_grad_ratio_median": ratio_median(hist),
                                       "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), "
                                                  f"torch {torch.__version__}"}, indent=1))
