@@ -251,8 +251,15 @@ def write_results(args, teacher: dict, g: float) -> None:
         axis = f"training time (minutes at {cal['threads']} CPU thread(s) alone: steps x each recipe's step time)"
     else:
         axis = "training wall time as run (minutes; the load differed between runs)"
-    plot({ROWS[n][1].split(":")[0]: r["curve"] for n, r in rows.items()}, teacher["curve"],
-         args.results.parent / "recipes_wall_time.png", axis)
+    curves = {ROWS[n][1].split(":")[0]: r["curve"] for n, r in rows.items()}
+    for n in rows:  # the same recipe with the adaptive GAN weight (target 1.0), where that was run: not shipped
+        f = args.out / f"{n}_adaptive.json"
+        if f.exists():
+            pts = json.loads(f.read_text())["curve"]
+            if cal:
+                pts = [{**pt, "minutes": pt["step"] * cal["seconds_per_step"][n] / 60} for pt in pts]
+            curves[ROWS[n][1].split(":")[0] + ", adaptive GAN weight (not shipped)"] = pts
+    plot(curves, teacher["curve"], args.results.parent / "recipes_wall_time.png", axis)
     t = teacher["table"]
 
     def line(label, r, steps, minutes="", ratio=""):
