@@ -76,7 +76,8 @@ def plot(curves: dict, teacher: dict, path: Path, axis: str) -> None:
     for ax, key, label in ((axes[0], "digits_fid", "digits-FID (lower is better)"),
                            (axes[1], "coverage_mean", "coverage (higher is better)")):
         for name, pts in curves.items():
-            ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+            ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name,
+                    ls=":" if "not shipped" in name else "-")
         ax.axhline(teacher[key], color="k", ls="--", lw=1, label="teacher, 50 steps")
         ax.set_xlabel(axis, fontsize=8)
         ax.set_ylabel(label)
