@@ -55,8 +55,11 @@ def same_training(run: Path, argv: list[str]) -> bool:
     skip = ("output_dir", "data", "logging", "checkpointing")
     want, have = (to_dict(load_config(Config, a)[0]) for a in ([x for x in argv if x != "--overwrite"],
                                                                ["--config", str(run / "config.yaml")]))
-    paths = {("gan", "real_latents"), ("regression", "pairs_dir"), ("train", "mixed_precision")}  # auto = resolved
-    return all(want[g] == have[g] if not isinstance(want[g], dict) else
+    paths = {("gan", "real_latents"), ("regression", "pairs_dir"), ("train", "mixed_precision"),  # auto = resolved
+             ("model", "pretrained_model_name_or_path")}  # the same teacher, named relative or absolute
+    same_teacher = Path(want["model"]["pretrained_model_name_or_path"]).resolve() == Path(
+        have["model"]["pretrained_model_name_or_path"]).resolve()
+    return same_teacher and all(want[g] == have[g] if not isinstance(want[g], dict) else
                all(v == have[g].get(k) for k, v in want[g].items() if (g, k) not in paths)
                for g in want if g not in skip)
 
@@ -289,7 +292,8 @@ def write_results(args, teacher: dict, g: float) -> None:
              *targets(rows, t), *([args.note, ""] if args.note else []),
              "![digits-FID against wall time](recipes_wall_time.png)", "",
              "`recipes_wall_time.png`: every checkpoint's generator (one seed, 50 images per digit) against the "
-             "training wall time it took to reach it; the dashed line is the 50-step teacher on the same images.",
+             "training time it took to reach it (see the axis); the dashed line is the 50-step teacher on the same "
+             "images.",
              "", END]
     text = args.results.read_text() if args.results.exists() else "# Results\n"
     if BEGIN in text:
