@@ -125,12 +125,17 @@ def checkpoint_curve(run: Path, measure_one) -> list[dict]:
 
 def finished_with_same_config(run: Path, argv: list[str]) -> bool:
     """``run`` holds a finished training whose saved config equals what ``argv`` resolves to (output_dir aside)."""
-    from sd_dmd.config import load_config, to_dict
-    from sd_dmd.training.config import Config
-
     if not ((run / "final" / "pytorch_lora_weights.safetensors").exists() and seconds_file(run).exists()
             and (run / "config.yaml").exists()):
         return False
+    return config_matches(run, argv)
+
+
+def config_matches(run: Path, argv: list[str], ignore: tuple[str, ...] = ()) -> bool:
+    """``run``'s saved config equals what ``argv`` resolves to, but for output_dir and the keys under ``ignore``
+    (dotted prefixes: "logging." or "gan.real_latents")."""
+    from sd_dmd.config import load_config, to_dict
+    from sd_dmd.training.config import Config
 
     def flat(d, prefix=""):
         out = {}
@@ -143,7 +148,7 @@ def finished_with_same_config(run: Path, argv: list[str]) -> bool:
     # output_dir differs by design; "auto" values (precision) are saved resolved; a run finished by a resume (which
     # continues bit-exactly) saved resume_from, which counts only where argv names one (a second stage)
     return all(want[k] == have.get(k) for k in want
-               if k != "output_dir" and want[k] != "auto"
+               if k != "output_dir" and want[k] != "auto" and not k.startswith(ignore)
                and not (k == "checkpointing.resume_from" and want[k] is None))
 
 
@@ -196,7 +201,7 @@ def main():
     args = p.parse_args()
     import train_text2image
 
-    from sd_dmd.demo import make_inputs
+    from sd_dmd.demo import encode_real_digits, make_inputs
     from sd_dmd.data.digits import TEACHER_DIR
     from sd_dmd.evaluation.digits.evaluate import digit_metrics, load_classifier
     from sd_dmd.evaluation.digits.sampling import one_step, sample_digits, save_grid, teacher_pipeline
@@ -262,10 +267,7 @@ def main():
     start = measure_one(None)  # every curve's step 0: the generator's LoRA starts at zero
     inputs = args.out / "inputs"
     make_inputs(inputs, args.num_pairs)
-    real = inputs / "real"  # the real digits as latents of the teacher's VAE: what the GAN rows discriminate against
-    from sd_dmd import encode_images
-
-    encode_images.main(["--source", "digits", "--output_dir", str(real)])
+    real = encode_real_digits(inputs)  # the real digits as the teacher's VAE latents: what the GAN rows discriminate
     commands = {}
     names = args.variants or [r.name for r in ROWS]
     for name in names:

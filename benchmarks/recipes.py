@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import ROOT
-from digits_quality import BEGIN, END, finished_with_same_config, lora_timesteps
+from digits_quality import BEGIN, END, config_matches, finished_with_same_config, lora_timesteps
 
 KEYS = ("digits_fid", "prompt_accuracy", "coverage_mean")
 ROWS = {"dmd": ("configs/digits_dmd.yaml", "before: `configs/digits_dmd.yaml`, DMD's recipe, the default until issue 27"),
@@ -48,20 +48,16 @@ def wall_minutes(history: list[dict], samples_per_step: int) -> dict[int, float]
 
 
 def same_training(run: Path, argv: list[str]) -> bool:
-    """``run``'s saved config trains what ``argv`` would: equal on every key but paths, logging and checkpoints."""
-    from sd_dmd.config import load_config, to_dict
+    """``run``'s saved config trains what ``argv`` would: equal on every key but paths, logging and checkpoints (the
+    teacher compared as a resolved path: named relative or absolute)."""
+    from sd_dmd.config import load_config
     from sd_dmd.training.config import Config
 
-    skip = ("output_dir", "data", "logging", "checkpointing")
-    want, have = (to_dict(load_config(Config, a)[0]) for a in ([x for x in argv if x != "--overwrite"],
-                                                               ["--config", str(run / "config.yaml")]))
-    paths = {("gan", "real_latents"), ("regression", "pairs_dir"), ("train", "mixed_precision"),  # auto = resolved
-             ("model", "pretrained_model_name_or_path")}  # the same teacher, named relative or absolute
-    same_teacher = Path(want["model"]["pretrained_model_name_or_path"]).resolve() == Path(
-        have["model"]["pretrained_model_name_or_path"]).resolve()
-    return same_teacher and all(want[g] == have[g] if not isinstance(want[g], dict) else
-               all(v == have[g].get(k) for k, v in want[g].items() if (g, k) not in paths)
-               for g in want if g not in skip)
+    teacher = (load_config(Config, a)[0].model.pretrained_model_name_or_path
+               for a in ([x for x in argv if x != "--overwrite"], ["--config", str(run / "config.yaml")]))
+    return len({Path(t).resolve() for t in teacher}) == 1 and config_matches(run, argv, ignore=(
+        "data.", "logging.", "checkpointing.", "gan.real_latents", "regression.pairs_dir",
+        "model.pretrained_model_name_or_path"))
 
 
 def ratio_median(history: list[dict]) -> float | None:
@@ -113,15 +109,15 @@ def main():
     import yaml
 
     import train_text2image
-    from sd_dmd import encode_images
     from sd_dmd.data.digits import TEACHER_DIR, write_prompt_file
-    from sd_dmd.demo import make_inputs, shipped_guidance
+    from sd_dmd.demo import encode_real_digits, make_inputs, shipped_guidance
     from sd_dmd.evaluation.digits.evaluate import digit_metrics, load_classifier
     from sd_dmd.evaluation.digits.sampling import (
         one_step,
         sample_digits,
         teacher_pipeline,
     )
+    from sd_dmd.outputs.report import find_history
     from sd_dmd.run_dir import list_checkpoints
 
     clf, g = load_classifier(), shipped_guidance()
@@ -129,7 +125,7 @@ def main():
     inputs = args.out / "inputs"
     if not (inputs / "real").exists():
         write_prompt_file(inputs / "prompts.txt", n_per_class=100, seed=0)
-        encode_images.main(["--source", "digits", "--output_dir", str(inputs / "real")])
+        encode_real_digits(inputs)
 
     def score(pipe, seeds, per_class, **kw) -> dict:
         ms = []
@@ -163,10 +159,8 @@ def main():
             run = args.out / "calibration_run"
             train_text2image.main([*row_argv(name, run), "--train.max_steps", "30", "--logging.every", "5",
                                    "--checkpointing.every", "0"])
-            hist = json.loads((run / "final" / "history.json").read_text())
-            hist = hist["history"] if isinstance(hist, dict) else hist
             batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
-            cal[name] = float(np.median([batch / h["samples_per_s"] for h in hist
+            cal[name] = float(np.median([batch / h["samples_per_s"] for h in find_history(run)[0]
                                          if "samples_per_s" in h and h["step"] > 10]))
             print(f"{name}: {cal[name]:.3f} s/step alone on {torch.get_num_threads()} thread(s)", flush=True)
         (args.out / "calibration.json").write_text(json.dumps({"seconds_per_step": cal,
@@ -177,14 +171,11 @@ def main():
         run = args.out / name
         argv = row_argv(name, run)
         result = args.out / f"{name}.json"
+        seconds = None  # training time as run; an imported run's is its logged one
         if name in imported:  # a finished run of the same training made elsewhere: scored, not retrained
             run = Path(imported[name])
             if not same_training(run, argv):
                 raise SystemExit(f"--from_run {name}={run}: its config trains differently from {ROWS[name][0]}")
-            hist = json.loads((run / "final" / "history.json").read_text())
-            hist = hist["history"] if isinstance(hist, dict) else hist
-            cfg = yaml.safe_load((run / "config.yaml").read_text())
-            seconds = 60 * max(wall_minutes(hist, cfg["train"]["batch_size"]).values())
         elif args.reuse and result.exists() and finished_with_same_config(run, argv):
             print(f"{name}: reusing {run} (same resolved config)", flush=True)
             continue
@@ -193,10 +184,10 @@ def main():
             train_text2image.main(argv)
             seconds = time.time() - t0
             (run.parent / f"{run.name}.train_seconds.json").write_text(json.dumps({"seconds": seconds}))
-        hist = json.loads((run / "final" / "history.json").read_text())
-        hist = hist["history"] if isinstance(hist, dict) else hist
+        hist = find_history(run)[0]
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         minutes = wall_minutes(hist, cfg["train"]["batch_size"] * cfg["train"]["gradient_accumulation_steps"])
+        seconds = 60 * max(minutes.values()) if seconds is None else seconds
         ts = lora_timesteps(run / "final")
         row = score(one_step(str(TEACHER_DIR), str(run / "final")), [0, 1, 2], 100, steps=len(ts), guidance=0.0,
                     timesteps=ts)
