@@ -255,6 +255,20 @@ def _overflows_in_fp16(vae, separate: Optional[str], model: str) -> bool:
         return False
 
 
+def _encoder_vae(cfg: EncodeConfig, model: str, log):
+    """The VAE that encodes: ``--vae`` or the model's, in ``--mixed_precision``, upcast to fp32 (said in one line)
+    when fp16 was asked of a VAE that overflows in it (SDXL's: inf/NaN latents)."""
+    from sd_dmd.models.shared_unet import DTYPES
+
+    dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
+    vae = load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else load_vae(model, cfg.revision, cfg.variant, dtype)
+    if dtype == torch.float16 and _overflows_in_fp16(vae, cfg.vae, model):
+        log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in "
+            "fp32; pass --vae with an fp16-safe VAE to encode in fp16")
+        vae = vae.float()
+    return vae
+
+
 def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     """Create or complete the store described by ``cfg`` (see ``python -m sd_dmd.encode_images``); returns the
     counts of all processes."""
@@ -264,7 +278,6 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
 
     from sd_dmd.dist import partial_state
     from sd_dmd.data.images import FolderSource, open_source
-    from sd_dmd.models.shared_unet import DTYPES
 
     state = partial_state()
     out = Path(cfg.output_dir)
@@ -272,13 +285,7 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     source = open_source(cfg.source, cfg.images, cfg.captions, cfg.image_column, cfg.caption_column, cfg.file_column,
                          cfg.split)
     model = resolve_model(cfg)
-    dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
-    vae = (load_vae(cfg.vae, dtype=dtype, root=True) if cfg.vae else
-           load_vae(model, cfg.revision, cfg.variant, dtype)).to(state.device).eval()
-    if dtype == torch.float16 and _overflows_in_fp16(vae, cfg.vae, model):  # SDXL's VAE: inf/NaN latents
-        log(f"the VAE of {cfg.vae or model} says force_upcast (it overflows in fp16, as SDXL's does): encoding in "
-            "fp32; pass --vae with an fp16-safe VAE to encode in fp16")
-        vae = vae.float()
+    vae = _encoder_vae(cfg, model, log).to(state.device).eval()
     resolution, f = cfg.resolution or int(vae.config.sample_size), vae_factor(vae)
     if resolution % f:
         raise LatentsError(f"resolution {resolution} is not a multiple of the VAE factor {f} ({model})")

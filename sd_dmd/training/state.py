@@ -202,9 +202,9 @@ def _load_gan_head(t, path: Path, state: dict) -> list[str]:
         t.sched_d.load_state_dict(state["sched_discriminator"])
         set_base_lr(t.opt_d, t.sched_d, t.cfg.optim.lr_fake)
         return []
-    # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's schedule
-    # (built at step 0) takes the fake score's position, so that their learning rates stay equal
-    follow_schedule(t.opt_d, t.sched_d, t.sched_f, t.cfg.optim.lr_fake)
+    # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's schedule (built
+    # at step 0) takes the fake score's position at its first fake turn (turns.fake_turn), as when gan.start_step
+    # switches it on mid-run
     return [f"GAN on from step {max(state['step'], t.cfg.gan.start_step)}: the discriminator head starts fresh"]
 
 
