@@ -197,7 +197,8 @@ def test_gan_and_backward_simulation_train_only_their_parts(setup, real_latents,
     head_before = [p.detach().clone() for p in head.parameters()]
     depths = set()
     for step in range(4):
-        depths.add(t.draws.sim_steps(t.step))
+        t.draws.begin(t.step)
+        depths.add(t.draws.sim_steps())
         stats, applied = t.train_step()
         t.step += 1
         assert applied, stats

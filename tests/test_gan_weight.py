@@ -109,7 +109,7 @@ def test_adaptive_weight_reaches_the_target_on_a_toy():
 
 def test_fixed_mode_keeps_the_configured_weights():
     gw = GANWeight(GANConfig(generator_weight=0.064, discriminator_weight=0.64))
-    assert gw.for_generator() == 0.064 and gw(123.0) == 0.064 and gw.discriminator_weight() == 0.64
+    assert gw.for_generator() == 0.064 and gw(123.0, 1.0) == 0.064 and gw.discriminator_weight() == 0.64
 
 
 @pytest.mark.parametrize("args,key", [
@@ -191,11 +191,9 @@ def test_generator_turn_leaves_no_critic_gradients_and_the_same_generator_gradie
     applied = []
     inner = t.opt_g.step
     t.opt_g.step = lambda *a, **k: (applied.append([p.grad.detach().clone() for p in t.gen_params]), inner(*a, **k))
-    state = t.draws.rng.get_state()
     _, ok, _ = turns.generator_turn(t)
     assert ok
     assert all(p.grad is None for p in t.fake_params + t.head_params)  # the GAN term built none
-    t.draws.rng.set_state(state)
     with monkeypatch.context() as mp:
         mp.setattr(turns, "generator_loss", _old_loss)
         turns.generator_turn(t)  # (this one clears what it built on the critic before applying)

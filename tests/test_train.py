@@ -85,30 +85,37 @@ def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
     assert max((straight[k] - other[k]).abs().max().item() for k in straight) > 1e-4
 
 
-def test_resume_on_another_process_count_reseeds_from_seed_step_rank(setup, tmp_path):
-    """A checkpoint from 2 processes resumed on 1 (issue 17): the streams are re-derived from (seed, step, rank),
-    so two such resumes agree exactly, and they are not the saved streams (a same-count resume differs)."""
+def test_resume_on_another_split_of_the_same_global_batch_is_the_uninterrupted_run(setup, tmp_path):
+    """Issue 34: draws are keyed by (seed, step, global sample), so a checkpoint saved by 2 processes x 1 sample
+    resumed on 1 process x 2 continues exactly as the run that was never stopped (no random state to re-seed), and
+    the history says how the split changed. Another global batch continues too, with its own note."""
     import json
     import shutil
 
-    from sd_dmd.training.state import resume_seed
+    import yaml
 
+    straight = _adapters(train(_cfg(setup, tmp_path / "straight", "--train.max_steps", "4")))
     train(_cfg(setup, tmp_path / "src", "--train.max_steps", "2"))
-    runs = {}
-    for name, saved_with in (("a", 2), ("b", 2), ("same", 1)):
-        shutil.copytree(tmp_path / "src", tmp_path / name)
-        state_file = tmp_path / name / "checkpoint-2" / "trainer_state.json"
-        state = json.loads(state_file.read_text())
-        state_file.write_text(json.dumps({**state, "num_processes": saved_with}))
-        runs[name] = train(_cfg(setup, tmp_path / name), resume=True)
-    a, b, same = (_adapters(runs[k]) for k in ("a", "b", "same"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert max((a[k] - same[k]).abs().max().item() for k in a) > 1e-6
-    note = [h for h in runs["a"].history if "note" in h]
-    assert len(note) == 1 and note[0]["step"] == 2 and "saved with 2: per-process RNG streams re-seeded" in note[0]["note"]
-    assert not [h for h in runs["same"].history if "note" in h]
-    assert [h["step"] for h in runs["a"].history if "note" not in h] == [1, 2, 3, 4]
-    assert len({resume_seed(0, 2, 0), resume_seed(0, 2, 1), resume_seed(0, 3, 0), resume_seed(1, 2, 0)}) == 4
+    shutil.copytree(tmp_path / "src", tmp_path / "split")
+    state_file = tmp_path / "split" / "checkpoint-2" / "trainer_state.json"  # as if saved by 2 processes x 1
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    saved_cfg = tmp_path / "split" / "checkpoint-2" / "config.yaml"
+    tree = yaml.safe_load(saved_cfg.read_text())
+    tree["train"]["batch_size"] = 1
+    saved_cfg.write_text(yaml.safe_dump(tree))
+    resumed = train(_cfg(setup, tmp_path / "split"), resume=True)
+    assert all(torch.equal(straight[k], v) for k, v in _adapters(resumed).items())
+    note = [h for h in resumed.history if "note" in h]
+    assert len(note) == 1 and note[0]["step"] == 2, note
+    assert ("on 1 process(es) x 1 micro-batch(es) of 2, saved with 2 process(es) x 1 micro-batch(es) of 1; the same "
+            "global batch of 2") in note[0]["note"]
+    assert [h["step"] for h in resumed.history if "note" not in h] == [1, 2, 3, 4]
+
+    shutil.copytree(tmp_path / "src", tmp_path / "bigger")
+    bigger = train(_cfg(setup, tmp_path / "bigger", "--train.batch_size", "4"), resume=True)
+    note = [h["note"] for h in bigger.history if "note" in h]
+    assert len(note) == 1 and "global batch 2 -> 4: the schedules, the EMA and the GAN weight go on counting" in note[0]
+    assert bigger.sched_g.last_epoch == 4
 
 
 def test_resume_at_another_learning_rate_uses_it(setup, tmp_path):
@@ -276,7 +283,9 @@ json.dump(t.history, open(f"{{cfg.output_dir}}/history{{r}}.json", "w"))
 
     h0, h1 = (json.loads((out / f"history{r}.json").read_text()) for r in (0, 1))
     assert all(torch.isfinite(torch.tensor(v)) for h in h0 for k, v in h.items())
-    assert h0[0]["loss_fake"] != h1[0]["loss_fake"]  # each rank drew its own prompts and noise
+    # every rank logs the global batch's means (issue 34): the same history but for its own clock
+    assert [{k: v for k, v in h.items() if k != "samples_per_s"} for h in h0] == \
+        [{k: v for k, v in h.items() if k != "samples_per_s"} for h in h1]
 
 
 def _fails(argv, capsys, match):

@@ -88,8 +88,10 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
     term. G's sample comes from :func:`backward_simulate` over ``timesteps`` (one step when None).
     The GAN term's gradient is taken w.r.t. G's sample x alone (no gradient for the discriminator's LoRA or head) and
     enters the loss as a linear term in x with that gradient (:func:`with_grad`; the loss value is unchanged).
-    ``gan_dm_grad_ratio`` = ||gan_weight d loss_gan/dx|| / ||dm_weight d loss_dm/dx||. ``gan_weight`` may be a
-    callable: given that ratio at weight 1, it returns the weight (adaptive mode, training/gan_weight.py).
+    ``gan_dm_grad_ratio`` = ||gan_weight d loss_gan/dx|| / ||dm_weight d loss_dm/dx||; ``gan_grad_sq`` and
+    ``dm_grad_sq`` are the two squared norms (the GAN's at weight 1), for a ratio over a larger batch. ``gan_weight``
+    may be a callable ``(gan_grad_sq, dm_grad_sq, term) -> weight`` of ``term`` (the GAN term at weight 1) in this
+    loss: adaptive mode (training/gan_weight.py), which may also take ``term``'s gradient aside and return 0.
     ``grad_scale``: the fp16 loss scale, for the GAN gradient taken here. Returns ``(loss, stats, x, cond)``; ``x``
     (detached) and ``cond`` are what the fake score trains on.
     """
@@ -104,10 +106,12 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
                                              model.schedule, cond)
         g_gan = input_grad(loss_gan, x, grad_scale)  # frees the discriminator's graph
         g_dm = input_grad(dm_weight * loss_dm, x, grad_scale, retain_graph=True)
-        raw = grad_ratio(g_gan, g_dm)  # at gan weight 1
-        w = gan_weight(raw) if callable(gan_weight) else gan_weight
-        loss = loss + w * with_grad(x, loss_gan, g_gan)
-        stats.update(s_gan, gan_weight_generator=w)
+        sq_gan, sq_dm = g_gan.float().pow(2).sum().item(), g_dm.float().pow(2).sum().item()  # at gan weight 1
+        term = with_grad(x, loss_gan, g_gan)
+        w = gan_weight(sq_gan, sq_dm, term) if callable(gan_weight) else gan_weight
+        loss = loss + w * term
+        stats.update(s_gan, gan_weight_generator=w, gan_grad_sq=sq_gan, dm_grad_sq=sq_dm)
+        raw = grad_ratio(g_gan, g_dm)
         if math.isfinite(raw):  # dm_weight 0: no ratio (an inf would read as a non-finite step)
             stats["gan_dm_grad_ratio"] = w * raw
     if regression is not None and batch.ref_z is not None:

@@ -325,7 +325,7 @@ def rule_g_oscillation(entries: list[dict]) -> Finding:
 
 
 def _gan_window(entries: list[dict]) -> list[dict]:
-    gan = [h for h in entries if "gan_d_real_acc" in h and "gan_d_fake_acc" in h]
+    gan = [h for h in entries if _finite(h.get("gan_d_real_acc")) and _finite(h.get("gan_d_fake_acc"))]
     return gan[-max(D_WINDOW, len(gan) // 2):] if len(gan) >= D_WINDOW else []
 
 
@@ -370,7 +370,14 @@ RULES = (rule_nonfinite, rule_fake_behind, rule_gap_collapse, rule_fake_loss_ris
 def check_health(history: list[dict]) -> list[Finding]:
     """Every rule's :class:`Finding` on ``history`` (notes are ignored; the GAN rules judge only GAN runs)."""
     entries, _ = split_history(history)
-    return [rule(entries) for rule in RULES]
+    return [_nan_not_judged(rule(entries)) for rule in RULES]
+
+
+def _nan_not_judged(f: Finding) -> Finding:
+    """A verdict on a NaN is no verdict (NaN fails every comparison, so a rule would read it as healthy)."""
+    if f.value is None or not math.isnan(f.value):
+        return f
+    return Finding(f.rule, None, None, f.threshold, f"{f.message.split(':')[0]}: NaN: not judged")
 
 
 def format_report(findings: list[Finding], source: Path | str = "", entries: Optional[int] = None) -> str:

@@ -1,10 +1,19 @@
-"""What one training step reads: every random input of both turns, drawn in one place, in a fixed order.
+"""What one training step reads: every random input of both turns, drawn in one place.
 
-Process r draws its prompts, noise, timesteps, regression-pair rows and real-latent rows from its own CPU
-generator, seeded from (seed, r) (after a resume on another process count, from (seed, step, r):
-:func:`sd_dmd.train.resume_seed`). The depth of a step's backward simulation is a function of (seed, step)
-only, so every process runs the same graph. The loop (:mod:`sd_dmd.train`) asks for a batch, splits it into
-micro-batches and hands each to :mod:`sd_dmd.step`.
+Every random number of a step is a function of the global sample it belongs to, not of the process that draws it:
+sample ``g`` of the global batch draws its prompt, noise, timesteps and store rows from its own stream, keyed by
+``(seed, step, attempt, what, turn, g)`` (numpy's SeedSequence: a 128-bit PCG64 state, so no two keys share a
+stream). Process ``r`` of ``P``, with ``n`` samples per turn (``train.batch_size`` x accumulation), draws the samples
+``r*n .. r*n + n - 1`` and nothing else. Hence (docs/RELIABILITY.md, "What scales"):
+
+- 1 process x 1 micro-batch of B, 1 x 2 of B/2 and 2 processes x 1 of B/2 draw the same global batch;
+- a resume on any process count draws what the uninterrupted run would have drawn: there is no random state to
+  save, restore or re-seed;
+- each process's cost is its own samples' draws (O(local batch)), however many processes there are.
+
+``attempt`` counts the retries of a step whose generator turn was not finite on some process (every process skips
+it together): a retry draws new samples. Decisions every process must share (the backward-simulation depth of a
+step, of each extra fake turn) are keyed without a sample index.
 """
 from __future__ import annotations
 
@@ -13,84 +22,100 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sd_dmd.core.schedule import sample_timesteps
 from sd_dmd.core.step import CriticBatch, GeneratorBatch
 
-SIM_STREAM = 2  # SeedSequence([seed, step, SIM_STREAM]) picks the backward-simulation depth of a step
+# what a stream is for (the 4th entry of a key)
+GEN, REG, SIM, FRESH, FRESH_K, CRITIC, REAL = range(7)
 
 
 class Draws:
-    """The per-process random inputs of a step (``rng`` is what a checkpoint saves per process)."""
+    """The random inputs of this process's share of a step. ``begin(step, attempt)`` before each step."""
 
     def __init__(self, cfg, prompts: list[str], latent_shape, num_train_timesteps: int, device, rank: int,
                  pairs=None, real=None):
         self.cfg, self.prompt_list, self.latent_shape, self.device = cfg, prompts, tuple(latent_shape), device
         self.t_all = num_train_timesteps - 1
-        self.pairs, self.real = pairs, real
-        self.rng = torch.Generator("cpu").manual_seed(
-            int(np.random.SeedSequence([cfg.train.seed, rank]).generate_state(1)[0]))
+        self.pairs, self.real, self.rank = pairs, real, rank
+        self.step = self.attempt = 0
 
-    # ----- primitives --------------------------------------------------------------------------
-    def randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn((*shape, *self.latent_shape), generator=self.rng).to(self.device)
+    def begin(self, step: int, attempt: int = 0) -> None:
+        self.step, self.attempt = step, attempt
 
-    def prompts(self, n: int) -> list[str]:
-        idx = torch.randint(0, len(self.prompt_list), (n,), generator=self.rng)
-        return [self.prompt_list[i] for i in idx.tolist()]
+    # ----- streams -------------------------------------------------------------------------------
+    def stream(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.train.seed, self.step, self.attempt, *key])
 
-    def timesteps(self, n: int, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
-        return sample_timesteps(n, lo, self.t_all if hi is None else hi, generator=self.rng, device=self.device)
+    def shared(self, *key: int) -> np.random.Generator:
+        """A stream of the step's, not a sample's: what every process must decide alike."""
+        return self.stream(*key)
 
-    def rows(self, store, n: int) -> list[int]:
-        return torch.randint(0, len(store), (n,), generator=self.rng).tolist()
+    def per_sample(self, n: int, *key: int) -> list[np.random.Generator]:
+        """The streams of this process's ``n`` samples (global indices ``rank*n ..``) for ``key``."""
+        return [self.stream(*key, self.rank * n + i) for i in range(n)]
+
+    def normal(self, rngs: list, *shape: int) -> torch.Tensor:
+        """One standard-normal latent-shaped tensor (times ``shape``) per stream, stacked: (n, *shape, C, H, W)."""
+        full = (*shape, *self.latent_shape)
+        return torch.from_numpy(np.stack([r.standard_normal(full, dtype=np.float32) for r in rngs])).to(self.device)
+
+    def integers(self, rngs: list, lo: int, hi: int) -> torch.Tensor:
+        """One integer in [lo, hi] (inclusive) per stream."""
+        return torch.tensor([int(r.integers(lo, hi + 1)) for r in rngs], dtype=torch.long)
+
+    def timesteps(self, rngs: list, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Uniform integer timesteps in [lo, hi] (DMD: [0.02T, 0.98T]), one per stream."""
+        return self.integers(rngs, lo, self.t_all if hi is None else hi).to(self.device)
+
+    def prompts(self, rngs: list) -> list[str]:
+        return [self.prompt_list[i] for i in self.integers(rngs, 0, len(self.prompt_list) - 1).tolist()]
 
     # ----- backward simulation -------------------------------------------------------------------
-    def sim_steps(self, step: int) -> int:
-        """How many of G's timesteps the backward simulation runs before the trained call: uniform over
-        0..len-1, and the same on every process (a function of (seed, step) only)."""
+    def sim_steps(self) -> int:
+        """How many of G's timesteps the generator turn's backward simulation runs before the trained call: uniform
+        over 0..len-1, and the same on every process (a stream of the step's)."""
         n = len(self.cfg.dmd.generator_timesteps)
-        if n == 1:
-            return 0
-        return int(np.random.SeedSequence([self.cfg.train.seed, step, SIM_STREAM]).generate_state(1)[0] % n)
-
-    def sim_noise(self, n: int, k: int) -> Optional[torch.Tensor]:
-        """Fresh re-noising noise for k simulated steps, (n, k, C, H, W)."""
-        return self.randn(n, k) if k else None
+        return int(self.shared(SIM).integers(n)) if n > 1 else 0
 
     # ----- the two turns' batches ----------------------------------------------------------------
-    def generator_batch(self, step: int, gan: bool) -> GeneratorBatch:
-        """One generator turn's inputs for all micro-batches at once, so that accumulating K micro-batches of B
-        equals one step on the batch of K * B."""
+    def generator_batch(self, gan: bool) -> GeneratorBatch:
+        """One generator turn's inputs for all of this process's micro-batches at once (micro-batch i is the i-th
+        slice), so that accumulating K micro-batches of B equals one step on the batch of K * B."""
         cfg = self.cfg
         n = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-        k = self.sim_steps(step)
-        batch = GeneratorBatch(self.prompts(n), self.randn(n), self.timesteps(n, cfg.dmd.t_min, cfg.dmd.t_max),
-                               self.randn(n), sim_steps=k, sim_noise=self.sim_noise(n, k))
+        k = self.sim_steps()
+        s = self.per_sample(n, GEN)
+        batch = GeneratorBatch(self.prompts(s), self.normal(s), self.timesteps(s, cfg.dmd.t_min, cfg.dmd.t_max),
+                               self.normal(s), sim_steps=k, sim_noise=self.normal(s, k) if k else None)
         if gan:
-            batch.gan_t, batch.gan_noise = self.timesteps(n), self.randn(n)
+            batch.gan_t, batch.gan_noise = self.timesteps(s), self.normal(s)
         if self.pairs is not None:
-            rows = self.rows(self.pairs, cfg.regression.batch_size * cfg.train.gradient_accumulation_steps)
+            rows = self.integers(self.per_sample(cfg.regression.batch_size * cfg.train.gradient_accumulation_steps,
+                                                 REG), 0, len(self.pairs) - 1).tolist()
             z_ref, y_ref, batch.ref_prompts = self.pairs.batch(rows, verify=cfg.regression.verify_noise)
             batch.ref_z, batch.ref_y = z_ref.to(self.device), y_ref.to(self.device)
         return batch
 
-    def fresh_samples(self, n: int) -> tuple[list[str], torch.Tensor, int, Optional[torch.Tensor]]:
-        """(prompts, z, k, re-noising noise) for the extra fake updates of TTUR (k drawn per update)."""
-        prompts, z = self.prompts(n), self.randn(n)
+    def fresh_samples(self, n: int, turn: int = 1) -> tuple[list[str], torch.Tensor, int, Optional[torch.Tensor]]:
+        """(prompts, z, k, re-noising noise) for fake turn ``turn`` >= 1 of TTUR (its own depth k, shared by all
+        processes)."""
         n_ts = len(self.cfg.dmd.generator_timesteps)
-        k = int(torch.randint(0, n_ts, (1,), generator=self.rng)) if n_ts > 1 else 0
-        return prompts, z, k, self.sim_noise(n, k)
+        k = int(self.shared(FRESH_K, turn).integers(n_ts)) if n_ts > 1 else 0
+        s = self.per_sample(n, FRESH, turn)
+        return self.prompts(s), self.normal(s), k, self.normal(s, k) if k else None
 
-    def critic_batch(self, n: int, gan: bool) -> CriticBatch:
-        """A fake turn's timesteps and noise; with the GAN on, a batch of real latents and both sides'
+    def critic_batch(self, n: int, gan: bool, turn: int = 0) -> CriticBatch:
+        """Fake turn ``turn``'s timesteps and noise; with the GAN on, a batch of real latents and both sides'
         diffusion-GAN timesteps and noise."""
-        batch = CriticBatch(self.timesteps(n), self.randn(n))
+        s = self.per_sample(n, CRITIC, turn)
+        batch = CriticBatch(self.timesteps(s), self.normal(s))
         if gan:
             cfg = self.cfg
-            r = (cfg.gan.batch_size or cfg.train.batch_size) * cfg.train.gradient_accumulation_steps
-            real, batch.real_prompts = self.real.batch(self.rows(self.real, r))
-            batch.real, batch.real_t, batch.real_noise = real.to(self.device), self.timesteps(r), self.randn(r)
-            batch.gan_t, batch.gan_noise = self.timesteps(n), self.randn(n)
-            if cfg.gan.r1_weight > 0:  # drawn only then: runs without R1 keep their random streams
-                batch.r1_noise = cfg.gan.r1_alpha * self.randn(r)
+            rs = self.per_sample((cfg.gan.batch_size or cfg.train.batch_size) * cfg.train.gradient_accumulation_steps,
+                                 REAL, turn)
+            rows = self.integers(rs, 0, len(self.real) - 1).tolist()
+            real, batch.real_prompts = self.real.batch(rows)
+            batch.real, batch.real_t, batch.real_noise = real.to(self.device), self.timesteps(rs), self.normal(rs)
+            batch.gan_t, batch.gan_noise = self.timesteps(s), self.normal(s)
+            if cfg.gan.r1_weight > 0:  # drawn last: runs without R1 keep their draws
+                batch.r1_noise = cfg.gan.r1_alpha * self.normal(rs)
         return batch

@@ -50,6 +50,7 @@ class Trainer:
                            accelerator.device, accelerator.process_index, self.store, self.real_store)
         self.gan_weight = GANWeight(cfg.gan, self._mean_over_processes)  # fixed or adaptive (gan.weight_mode)
         self.step = 0
+        self.attempt = 0  # retries of this step after a non-finite generator turn (each draws new samples)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.history: list[dict] = []
@@ -60,10 +61,6 @@ class Trainer:
         return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
 
     # ----- what a step reads ---------------------------------------------------------------------------
-    @property
-    def rng(self) -> torch.Generator:
-        return self.draws.rng
-
     def gan_on(self) -> bool:
         return self.real_store is not None and self.step >= self.cfg.gan.start_step
 
@@ -74,17 +71,18 @@ class Trainer:
             t = self.acc.reduce(t, reduction="sum")
         return t.item() > 0
 
-    def _mean_over_processes(self, value: float) -> float:
+    def _mean_over_processes(self, values: list[float]) -> list[float]:
         if self.acc.num_processes == 1:
-            return value
-        return self.acc.reduce(torch.tensor([value], device=self.acc.device), reduction="mean").item()
+            return values
+        return self.acc.reduce(torch.tensor(values, device=self.acc.device, dtype=torch.float64),
+                               reduction="mean").tolist()
 
     # ----- the two turns ----------------------------------------------------------------------------
     def generator_turn(self) -> tuple[dict, bool, list]:
         return turns.generator_turn(self)
 
-    def fake_turn(self, samples: Optional[list] = None) -> tuple[dict, bool]:
-        return turns.fake_turn(self, samples)
+    def fake_turn(self, samples: Optional[list] = None, turn: int = 0) -> tuple[dict, bool]:
+        return turns.fake_turn(self, samples, turn)
 
     def train_step(self) -> tuple[dict, bool]:
         return turns.train_step(self)
@@ -120,6 +118,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats()
             stats, applied = self.train_step()
             self._count_nonfinite(stats, applied)
+            self.attempt = 0 if applied else self.attempt + 1
             if applied:
                 self.step += 1
                 samples += cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes

@@ -1,5 +1,6 @@
 """A run's training state on disk and back: adapters, optimisers, LR schedules, EMA, GAN head, GradScaler, RNG
-streams, history, and the learning-rate reset of a resume at another rate. Without pickles: tensors in safetensors,
+history, and what a resume that changes the run's shape must convert (another learning rate, another number of fake
+updates per step, another split of the batch). Without pickles: tensors in safetensors,
 everything else in JSON.
 
 A checkpoint is written into ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N/`` only when complete
@@ -7,7 +8,9 @@ A checkpoint is written into ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N
 
 Layout of ``checkpoint-N/``: ``config.yaml``, ``generator/`` and ``fake/`` (LoRAs as diffusers loads them),
 ``optimizer_{generator,fake[,discriminator]}.safetensors`` + ``.json``, ``gan_head.safetensors``,
-``ema_generator.safetensors`` and ``generator_ema/``, ``rng-R.safetensors`` per process, ``trainer_state.json``.
+``ema_generator.safetensors`` and ``generator_ema/``, ``trainer_state.json``. No random state: a step's draws are a
+function of (seed, step, sample) (training/draws.py), whatever the process count (checkpoints from before issue 34
+also hold ``rng-R.safetensors`` per process, no longer read).
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -102,22 +104,6 @@ def rotate(output_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_rng(generator: torch.Generator, path: Path) -> None:
-    save_file({"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}, str(path))
-
-
-def load_rng(generator: torch.Generator, path: Path) -> None:
-    st = load_file(str(path))
-    generator.set_state(st["generator"])
-    torch.set_rng_state(st["torch_cpu"])
-
-
-def resume_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of process ``rank``'s streams after a resume at ``step`` on another process count: a function of
-    (seed, step, rank) only, so every rank of every re-launch derives the same, distinct streams."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 # ----- a trainer's state: save and load ------------------------------------------------------------------------
 def save_checkpoint(t) -> Path:
     """Write Trainer ``t``'s state to ``checkpoint-{step}/`` (every process: its RNG stream; the main one: the rest)."""
@@ -128,7 +114,6 @@ def save_checkpoint(t) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    save_rng(t.rng, tmp / f"rng-{acc.process_index}.safetensors")
     if acc.is_main_process:
         save_config(t.cfg, tmp / "config.yaml")  # what a resume must stay compatible with
         save_lora(t.model, tmp / "generator", GENERATOR)
@@ -148,7 +133,7 @@ def save_checkpoint(t) -> Path:
             t.ema.restore(t.gen_params)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"step": t.step, "num_processes": acc.num_processes,
+        state = {"step": t.step, "num_processes": acc.num_processes, "global_batch": global_batch(t.cfg, acc),
                  "nonfinite_total": t.nonfinite_total,
                  "sched_generator": t.sched_g.state_dict(), "sched_fake": t.sched_f.state_dict(),
                  "sched_discriminator": t.sched_d.state_dict() if t.sched_d is not None else None,
@@ -167,30 +152,93 @@ def save_checkpoint(t) -> Path:
 
 def load_checkpoint(t, path: Path) -> None:
     """Load ``checkpoint-N/`` into Trainer ``t``: everything it saved, in the objects ``t`` built at step 0. What was
-    built but not saved (an EMA or GAN head switched on at this resume) is set from the loaded state, with a note."""
+    built but not saved (an EMA or GAN head switched on at this resume) is set from the loaded state, with a note.
+    What changes the meaning of a step is converted (fake updates per step) or continues unchanged with a note (the
+    batch's split and size: every saved position counts updates, not samples)."""
     state = json.loads((path / STATE_FILE).read_text())
+    saved_cfg = _saved_config(path)
     load_adapter(t.model, GENERATOR, path / "generator")
     load_adapter(t.model, FAKE, path / "fake")
     load_optimizer(t.opt_g.optimizer, path / "optimizer_generator")
     load_optimizer(t.opt_f.optimizer, path / "optimizer_fake")
     t.sched_g.load_state_dict(state["sched_generator"])
     t.sched_f.load_state_dict(state["sched_fake"])
-    notes = _load_gan_head(t, path, state) + _load_ema(t, path, state)
+    t.step = state["step"]
+    notes = _convert_fake_positions(t, state, saved_cfg)
+    notes += _load_gan_head(t, path, state) + _load_ema(t, path, state)
     lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
         ("optim.lr_generator", *set_base_lr(t.opt_g, t.sched_g, t.cfg.optim.lr_generator)),
         ("optim.lr_fake", *set_base_lr(t.opt_f, t.sched_f, t.cfg.optim.lr_fake))) if old != new]
     if state.get("scaler") and t.acc.scaler is not None:
         t.acc.scaler.load_state_dict(state["scaler"])
-    t.step = state["step"]
     t.nonfinite_total = state["nonfinite_total"]
     t.gan_weight.load_state_dict(state.get("gan_weight"))  # adaptive mode's smoothed ratio (absent: none yet)
     t.history = state["history"]
     if lr_changes:  # DMD2's second stage: the same run, resumed at a lower learning rate
         notes.append(f"resumed at step {t.step} with {', '.join(lr_changes)} (the schedule continues from there)")
+    notes += _batch_notes(t, path, state, saved_cfg)
     for note in notes:
         t.history.append({"step": t.step, "note": note})
         t.log(note)
-    _load_streams(t, path, state["num_processes"])
+    t.log(f"resumed from {path} at step {t.step}")
+
+
+def global_batch(cfg, acc) -> int:
+    """Distribution-matching samples per update, over all processes and micro-batches."""
+    return cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
+
+
+def _saved_config(path: Path) -> dict:
+    import yaml
+
+    for p in (path / "config.yaml", path.parent / "config.yaml"):
+        if p.is_file():
+            return yaml.safe_load(p.read_text()) or {}
+    return {}
+
+
+def _convert_fake_positions(t, state: dict, saved_cfg: dict) -> list[str]:
+    """The fake score's and the head's schedules count fake updates: a resume with another
+    ``dmd.fake_updates_per_step`` moves them to where a run with the new value stands at this step (s x new, less
+    the updates the saved run skipped as non-finite), so that the step-down and the warm-up fall where the new
+    config puts them. Before (issue 34): the saved count was read in the new units (1 -> 2 after the step-down put
+    the fake score back before it, at 4x its lr)."""
+    old_k = int(((saved_cfg.get("dmd") or {}).get("fake_updates_per_step")) or t.cfg.dmd.fake_updates_per_step)
+    new_k = t.cfg.dmd.fake_updates_per_step
+    t.fake_position_shift = 0
+    if old_k == new_k:
+        return []
+    saved = int(state["sched_fake"]["last_epoch"])
+    skipped = max(0, t.step * old_k - saved)
+    t.fake_position_shift = max(0, t.step * new_k - skipped) - saved
+    t.sched_f.last_epoch = saved + t.fake_position_shift
+    return [f"resumed at step {t.step} with dmd.fake_updates_per_step {old_k} -> {new_k}: the fake score's "
+            f"schedule moves from update {saved} to {t.sched_f.last_epoch} (step {t.step} x {new_k}"
+            + (f", less {skipped} skipped" if skipped else "") + ")"]
+
+
+def _batch_notes(t, path: Path, state: dict, saved_cfg: dict) -> list[str]:
+    """A resume with another split of the batch (processes, micro-batches) draws the same samples as the run that
+    was never stopped (training/draws.py); with another global batch, the schedules, the EMA and the GAN weight go
+    on counting updates, and the history says so."""
+    notes = []
+    if (path / "rng-0.safetensors").exists():
+        notes.append(f"resumed at step {t.step} from a checkpoint written before per-sample draws (issue 34): its "
+                     "per-process random streams are not read; the draws from here are keyed by (seed, step, sample)")
+    tr = saved_cfg.get("train") or {}
+    old_p = int(state.get("num_processes", t.acc.num_processes))
+    old = dict(batch=int(tr.get("batch_size", t.cfg.train.batch_size)),
+               acc=int(tr.get("gradient_accumulation_steps", t.cfg.train.gradient_accumulation_steps)), p=old_p)
+    new = dict(batch=t.cfg.train.batch_size, acc=t.cfg.train.gradient_accumulation_steps, p=t.acc.num_processes)
+    if old == new:
+        return notes
+    split = "{p} process(es) x {acc} micro-batch(es) of {batch}"
+    g_old, g_new = old["batch"] * old["acc"] * old_p, global_batch(t.cfg, t.acc)
+    what = (f"the same global batch of {g_new}: the draws are those of the run that was never stopped"
+            if g_old == g_new else
+            f"global batch {g_old} -> {g_new}: the schedules, the EMA and the GAN weight go on counting updates")
+    notes.append(f"resumed at step {t.step} on {split.format(**new)}, saved with {split.format(**old)}; {what}")
+    return notes
 
 
 def _load_gan_head(t, path: Path, state: dict) -> list[str]:
@@ -200,6 +248,7 @@ def _load_gan_head(t, path: Path, state: dict) -> list[str]:
         t.model.gan_head.load_state_dict(load_file(str(path / "gan_head.safetensors")))
         load_optimizer(t.opt_d.optimizer, path / "optimizer_discriminator")
         t.sched_d.load_state_dict(state["sched_discriminator"])
+        t.sched_d.last_epoch += t.fake_position_shift  # it counts fake updates too (it follows the fake score's)
         set_base_lr(t.opt_d, t.sched_d, t.cfg.optim.lr_fake)
         return []
     # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's schedule (built
@@ -221,23 +270,6 @@ def _load_ema(t, path: Path, state: dict) -> list[str]:
 
     t.ema = EMAModel(t.gen_params, decay=t.cfg.train.ema_decay)
     return [f"EMA on from step {state['step']}: it starts from the resumed generator (the checkpoint has none)"]
-
-
-def _load_streams(t, path: Path, saved_n: int) -> None:
-    n = t.acc.num_processes
-    if saved_n == n:  # the same streams continue: bit-exact with a run that was never stopped
-        load_rng(t.rng, path / f"rng-{t.acc.process_index}.safetensors")
-        t.log(f"resumed from {path} at step {t.step}")
-        return
-    # a preempted cluster came back with another GPU count: fresh streams, derived, never reused
-    seed = resume_seed(t.cfg.train.seed, t.step, t.acc.process_index)
-    t.rng.manual_seed(seed)
-    torch.manual_seed(seed)
-    note = (f"resumed at step {t.step} on {n} process(es), saved with {saved_n}: per-process RNG streams "
-            f"re-seeded from (seed {t.cfg.train.seed}, step {t.step}, rank); global batch "
-            f"{saved_n * t.samples_per_step_per_process()} -> {n * t.samples_per_step_per_process()}")
-    t.history.append({"step": t.step, "note": note})
-    t.log(f"resumed from {path}; {note}")
 
 
 def follow_schedule(optimizer, scheduler, leader, lr: float) -> None:

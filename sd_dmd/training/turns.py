@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from sd_dmd.core.step import critic_loss, generator_loss, generator_samples, split_batch
+from sd_dmd.training.gan_weight import Deferred, ratio
 from sd_dmd.training.state import follow_schedule
 
 
@@ -20,8 +21,9 @@ def add_mean(total: dict, stats: dict, n: int) -> None:
 def apply_gradients(acc, groups, stats: dict, max_norm: float) -> tuple[float, bool]:
     """One update decision over ``groups``, a list of (params, prepared optimizer, scheduler).
 
-    Average the gradients over processes, unscale, clip, and step only when every process's losses and the
-    averaged gradient are finite: one collective decision, taken before any optimiser, LR or EMA update.
+    Average the gradients and ``stats`` (in place: every process then logs the global batch's means) over processes,
+    unscale, clip, and step only when every process's losses and the averaged gradient are finite: one collective
+    decision, taken before any optimiser, LR or EMA update.
     Under fp16 each group's optimiser is stepped by ``scaler.step`` and the scale is updated **once**, after all of
     them: ``AcceleratedOptimizer.step`` updates the scale after each optimiser, which clears the scaler's record
     that the next optimiser's gradients were already unscaled, so they were unscaled twice (issue 25, item 1).
@@ -31,13 +33,17 @@ def apply_gradients(acc, groups, stats: dict, max_norm: float) -> tuple[float, b
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     bad = torch.tensor([0.0 if all(math.isfinite(v) for v in stats.values()) else 1.0], device=acc.device)
-    if acc.num_processes > 1:  # one flat all-reduce: gradients and the non-finite flag together
-        flat = acc.reduce(torch.cat([p.grad.flatten() for p in params] + [bad]), reduction="mean")
+    if acc.num_processes > 1:  # one flat all-reduce: gradients, the non-finite flag and the stats together
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], device=acc.device, dtype=params[0].grad.dtype)
+        flat = acc.reduce(torch.cat([p.grad.flatten() for p in params] + [bad.to(values.dtype), values]),
+                          reduction="mean")
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        bad = flat[-1:]
+        bad = flat[offset:offset + 1]
+        stats.update(zip(keys, flat[offset + 1:].tolist()))  # the global batch's means, as one process would log
     scaler = acc.scaler
     if scaler is not None:  # fp16: unscale this decision's gradients before measuring or clipping them
         for _, opt, _ in groups:
@@ -66,11 +72,17 @@ def generator_turn(t) -> tuple[dict, bool, list]:
     """Returns (stats, applied, [(x, cond) per micro-batch]) for the fake turn to train on."""
     cfg, acc = t.cfg, t.acc
     n_acc = cfg.train.gradient_accumulation_steps
+    t.draws.begin(t.step, t.attempt)
     stats: dict = {}
     samples = []
-    gan_weight = t.gan_weight.for_generator() if t.gan_on() else 0.0
     scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0  # fp16: for the GAN gradient on x
-    for mb in t.draws.generator_batch(t.step, t.gan_on()).split(n_acc):
+    deferred = None
+    gan_weight = 0.0
+    if t.gan_on():
+        gan_weight = t.gan_weight.for_generator()
+        if t.gan_weight.adaptive and n_acc > 1:  # the weight is the global batch's: known after the last micro-batch
+            gan_weight = deferred = Deferred(t.gan_weight, t.gen_params, n_acc, scale)
+    for mb in t.draws.generator_batch(t.gan_on()).split(n_acc):
         with acc.autocast():
             loss, s, x, cond = generator_loss(t.model, mb, dm_weight=cfg.dmd.dm_weight,
                                               regression=t.reg_loss, regression_weight=cfg.regression.weight,
@@ -79,26 +91,33 @@ def generator_turn(t) -> tuple[dict, bool, list]:
         acc.backward(loss / n_acc)  # the GAN term reaches only G: its gradient was taken on x alone
         add_mean(stats, s, n_acc)
         samples.append((x, cond))
+    if deferred is not None:
+        stats["gan_weight_generator"] = deferred.finish()
+    stats.pop("gan_dm_grad_ratio", None)  # a micro-batch's: the global batch's is set below
     norm, applied = apply_gradients(t.acc, [(t.gen_params, t.opt_g, t.sched_g)], stats,
                                     t.cfg.optim.max_grad_norm)
+    if "gan_grad_sq" in stats:  # the ratio over the global batch (the means' ratio: every sample counts once)
+        raw = ratio(stats.pop("gan_grad_sq"), stats.pop("dm_grad_sq"))
+        if math.isfinite(raw):
+            stats["gan_dm_grad_ratio"] = stats["gan_weight_generator"] * raw
     if applied and t.ema is not None:
         t.ema.step(t.gen_params)
     stats["grad_norm_generator"] = norm
     return stats, applied, samples
 
 
-def fake_turn(t, samples: Optional[list] = None) -> tuple[dict, bool]:
-    """One fake-score update on the generator turn's samples, or on fresh ones when ``samples`` is None."""
+def fake_turn(t, samples: Optional[list] = None, turn: int = 0) -> tuple[dict, bool]:
+    """Fake update ``turn`` of the step, on the generator turn's samples, or on fresh ones when ``samples`` is None."""
     cfg, m, acc = t.cfg, t.model, t.acc
     n_acc = cfg.train.gradient_accumulation_steps
     n = cfg.train.batch_size * n_acc
     if samples is None:
-        prompts, z, k, sim_noise = t.draws.fresh_samples(n)
+        prompts, z, k, sim_noise = t.draws.fresh_samples(n, turn)
         with acc.autocast():
             x, cond = generator_samples(m, z, prompts, cfg.dmd.generator_timesteps, k, sim_noise)
         samples = list(zip(split_batch(x, n_acc), split_batch(cond, n_acc)))
     gan = t.gan_on()
-    batch = t.draws.critic_batch(n, gan)
+    batch = t.draws.critic_batch(n, gan, turn)
     stats: dict = {}
     for (x, cond), mb in zip(samples, batch.split(n_acc)):
         with acc.autocast():
@@ -128,7 +147,7 @@ def train_step(t) -> tuple[dict, bool]:
     n = t.cfg.dmd.fake_updates_per_step
     stats.update(loss_fake=0.0, grad_norm_fake=0.0, fake_updates_skipped=0)
     for k in range(n):
-        f, ok = t.fake_turn(samples if k == 0 else None)
+        f, ok = t.fake_turn(samples if k == 0 else None, k)
         if ok:
             for key in ("loss_fake", "grad_norm_fake", "loss_gan_discriminator", "gan_d_real_acc", "gan_d_fake_acc",
                         "loss_gan_r1"):
