@@ -185,6 +185,19 @@ def test_few_entries_are_not_judged_and_notes_are_skipped():
     assert by["nonfinite"].fired is False
 
 
+def test_nan_is_not_judged_healthy():
+    """Issue 34, defect 3: NaN fails every comparison, so the discriminator rules read all-NaN accuracies as "ok ...
+    not saturated / it separates them". Now every rule says "not judged" on NaN (and judges the finite entries)."""
+    nan = float("nan")
+    by = {f.rule: f for f in rp.check_health(_accuracies([(nan, nan)] * 12))}
+    for rule in ("d_overfit", "d_chance"):
+        assert by[rule].fired is None and "not judged" in by[rule].message, by[rule]
+    report = rp.format_report(rp.check_health(_accuracies([(nan, nan)] * 12)))
+    assert "not saturated" not in report and "it separates them" not in report
+    mixed = _accuracies([(nan, nan)] * 4 + [(0.99, 0.98)] * 8)  # the finite entries are still judged
+    assert {f.rule: f for f in rp.check_health(mixed)}["d_overfit"].fired is True
+
+
 def test_warmup_is_dropped_and_a_late_gan_is_marked():
     h = healthy(n=10, every=5, warmup=20)
     assert rp.after_warmup(h)[0]["step"] == 20
