@@ -46,13 +46,17 @@ FEATURES = {
     # regression, DMD2's GAN with fixed weights on the fake score's features, from step 0
     "gan_fixed": ["--gan.start_step", "0"],
     # regression, the adaptive GAN weight on the teacher's features with R1, switched on at step 3; four-step
-    # backward simulation; EMA; TTUR 2; the step-down at step 3
+    # backward simulation; EMA; TTUR 2; the step-down at step 3; gradient checkpointing in its 1 x 2 split
     "gan_adaptive_all": ["--gan.weight_mode", "adaptive", "--gan.target_ratio", "0.5", "--gan.start_step", "3",
                          "--gan.features", "teacher", "--gan.r1_weight", "0.1",
                          "--dmd.generator_timesteps", "999", "749", "499", "249", "--train.ema_decay", "0.9",
                          "--dmd.fake_updates_per_step", "2", "--optim.lr_scheduler", "step_down",
                          "--optim.step_down_at", "0.75", "--optim.step_down_factor", "0.1"],
 }
+
+# the adaptive weight's accumulation path (a second backward through G's last call) under gradient checkpointing, as
+# users run it at SD scale: the 1 x 2 split of that feature set checkpoints, and must still equal 1 x 1
+SPLIT_EXTRA = {("gan_adaptive_all", "1x2"): ["--train.gradient_checkpointing", "true"]}
 
 HARNESS = r'''
 import sys
@@ -87,7 +91,7 @@ def argv(setup, real, out: Path, feature: str, split: str, *extra) -> list[str]:
             "--gan.real_latents", real, "--train.max_steps", str(N), "--checkpointing.every", "2",
             "--checkpointing.keep_last", "0", "--train.batch_size", str(per),
             "--train.gradient_accumulation_steps", str(micro), "--regression.batch_size", str(per // 2 or 1),
-            "--gan.batch_size", str(per), *FEATURES[feature], *extra]
+            "--gan.batch_size", str(per), *FEATURES[feature], *SPLIT_EXTRA.get((feature, split), []), *extra]
 
 
 def run(setup, real, out: Path, feature: str, split: str, *extra, resume: bool = False) -> Path:

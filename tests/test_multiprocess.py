@@ -152,7 +152,7 @@ def test_nan_on_one_rank_skips_the_step_on_both(setup, tmp_path):
 
 def test_resume_on_another_process_count_continues(setup, tmp_path):
     """A preempted 2-GPU run comes back on 1, then on 2 again (issue 17): it finishes, the ranks agree, the
-    schedule and the curve continue, and the history says where the streams were re-seeded."""
+    schedule and the curve continue, and the history says where the global batch changed."""
     out = tmp_path / "run"
     for i, (processes, steps) in enumerate([(2, 4), (1, 6), (2, 8)]):
         hd = tmp_path / f"h{i}"
@@ -167,12 +167,13 @@ def test_resume_on_another_process_count_continues(setup, tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in a)
     history = states[0]["history"]
     notes = [h for h in history if "note" in h]
-    assert [(h["step"], "re-seeded" in h["note"]) for h in notes] == [(4, True), (6, True)], notes
-    assert "on 1 process(es), saved with 2" in notes[0]["note"] and "on 2 process(es), saved with 1" in notes[1]["note"]
+    assert [(h["step"], "global batch" in h["note"]) for h in notes] == [(4, True), (6, True)], notes
+    assert "on 1 process(es) x 1 micro-batch(es) of 2, saved with 2 process(es)" in notes[0]["note"]
+    assert "global batch 4 -> 2" in notes[0]["note"] and "global batch 2 -> 4" in notes[1]["note"]
     curve = [h for h in history if "note" not in h]
     assert [h["step"] for h in curve] == list(range(1, 9))  # no step lost or repeated
     assert all(torch.isfinite(torch.tensor(h["loss_dm"])) and torch.isfinite(torch.tensor(h["loss_fake"]))
                for h in curve)
     final_state = json.loads((out / "checkpoint-8" / ckpt.STATE_FILE).read_text())
     assert final_state["sched_generator"]["last_epoch"] == 8 and final_state["num_processes"] == 2
-    assert "re-seeded" in (out / "final" / "README.md").read_text()
+    assert "global batch 2 -> 4" in (out / "final" / "README.md").read_text()
