@@ -76,18 +76,35 @@ def _adapter_state(state: list):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
 
+class _Reentrant:
+    """A context manager entered afresh each time: a block is recomputed once per backward through it, and a graph
+    kept for a second backward (``retain_graph``: the adaptive GAN weight's accumulation path) recomputes it again,
+    which a generator-based context manager (entered once only) refused."""
+
+    def __init__(self, make):
+        self.make, self.stack = make, []
+
+    def __enter__(self):
+        cm = self.make()
+        self.stack.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self.stack.pop().__exit__(*exc)
+
+
 def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
     """Gradient checkpointing for a UNet whose adapters switch between forward and backward.
 
     diffusers recomputes each checkpointed block during backward with whatever adapter is active *then*;
     on the shared UNet that is usually another role's (after the DM loss the ``fake`` adapter is active,
     so the generator's gradient would be recomputed through the fake LoRA). ``context_fn`` runs at
-    forward time: it records the block's adapter routing and re-applies it around the recomputation."""
+    forward time: it records the block's adapter routing and re-applies it around each recomputation."""
     layers = _tuner_layers(module)
 
     def context_fn():
         state = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
-        return contextlib.nullcontext(), _adapter_state(state)
+        return contextlib.nullcontext(), _Reentrant(lambda: _adapter_state(state))
 
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
