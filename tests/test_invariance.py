@@ -261,7 +261,6 @@ def test_a_resume_with_more_fake_updates_per_step_puts_the_fake_schedules_where_
     assert any("dmd.fake_updates_per_step 1 -> 2: the fake score's schedule moves from update 2 to 4" in h.get("note", "")
                for h in history)
 
-    monkeypatch.setattr(state_module, "_convert_fake_positions",
-                        lambda t, *a: setattr(t, "fake_position_shift", 0) or [])
+    monkeypatch.setattr(state_module, "_convert_fake_positions", lambda t, *a: (0, []))
     bad = loaded(src / "checkpoint-2")
     assert bad["fake"][1] == pytest.approx(4 * want["fake"][1]) and bad["head"][1] == pytest.approx(4 * want["head"][1])

@@ -57,9 +57,6 @@ class Trainer:
         self.saved_step = None  # step of the last checkpoint written
         self.stop_signal = None  # set by the SIGTERM/SIGINT handler
 
-    def samples_per_step_per_process(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
-
     # ----- what a step reads ---------------------------------------------------------------------------
     def gan_on(self) -> bool:
         return self.real_store is not None and self.step >= self.cfg.gan.start_step
@@ -121,7 +118,7 @@ class Trainer:
             self.attempt = 0 if applied else self.attempt + 1
             if applied:
                 self.step += 1
-                samples += cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
+                samples += ckpt.global_batch(cfg, acc)
                 bar.update(1)
                 if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
                     dt = time.time() - t_last

@@ -15,8 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
 from sd_dmd.config import ConfigError
 from sd_dmd.run_dir import CKPT_RE
 from sd_dmd.training import state as ckpt
@@ -197,12 +195,9 @@ def clear_output_dir(out: Path) -> None:
 def check_resume_config(cfg: Config, checkpoint: Path) -> None:
     """A resume may not change what the saved adapters are (train_config.FIXED_ON_RESUME): one error naming
     every changed key, raised before anything is written."""
-    saved_path = checkpoint / "config.yaml"
-    if not saved_path.is_file():
-        saved_path = checkpoint.parent / "config.yaml"
-    if not saved_path.is_file():
+    saved = ckpt.saved_config(checkpoint)
+    if saved is None:
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
     changed = resume_conflicts(saved, asdict(cfg))
     if changed:
         raise ConfigError(f"--resume from {checkpoint} with settings that differ from the saved run: "

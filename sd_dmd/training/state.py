@@ -133,7 +133,7 @@ def save_checkpoint(t) -> Path:
             t.ema.restore(t.gen_params)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"step": t.step, "num_processes": acc.num_processes, "global_batch": global_batch(t.cfg, acc),
+        state = {"step": t.step, "num_processes": acc.num_processes,
                  "nonfinite_total": t.nonfinite_total,
                  "sched_generator": t.sched_g.state_dict(), "sched_fake": t.sched_f.state_dict(),
                  "sched_discriminator": t.sched_d.state_dict() if t.sched_d is not None else None,
@@ -156,7 +156,7 @@ def load_checkpoint(t, path: Path) -> None:
     What changes the meaning of a step is converted (fake updates per step) or continues unchanged with a note (the
     batch's split and size: every saved position counts updates, not samples)."""
     state = json.loads((path / STATE_FILE).read_text())
-    saved_cfg = _saved_config(path)
+    saved_cfg = saved_config(path) or {}
     load_adapter(t.model, GENERATOR, path / "generator")
     load_adapter(t.model, FAKE, path / "fake")
     load_optimizer(t.opt_g.optimizer, path / "optimizer_generator")
@@ -164,8 +164,8 @@ def load_checkpoint(t, path: Path) -> None:
     t.sched_g.load_state_dict(state["sched_generator"])
     t.sched_f.load_state_dict(state["sched_fake"])
     t.step = state["step"]
-    notes = _convert_fake_positions(t, state, saved_cfg)
-    notes += _load_gan_head(t, path, state) + _load_ema(t, path, state)
+    shift, notes = _convert_fake_positions(t, state, saved_cfg)
+    notes += _load_gan_head(t, path, state, shift) + _load_ema(t, path, state)
     lr_changes = [f"{name} {old:g} -> {new:g}" for name, old, new in (
         ("optim.lr_generator", *set_base_lr(t.opt_g, t.sched_g, t.cfg.optim.lr_generator)),
         ("optim.lr_fake", *set_base_lr(t.opt_f, t.sched_f, t.cfg.optim.lr_fake))) if old != new]
@@ -188,33 +188,34 @@ def global_batch(cfg, acc) -> int:
     return cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
 
 
-def _saved_config(path: Path) -> dict:
+def saved_config(checkpoint: Path) -> Optional[dict]:
+    """The config a checkpoint was made with (its own ``config.yaml``, else its run's), or None when it has none."""
     import yaml
 
-    for p in (path / "config.yaml", path.parent / "config.yaml"):
+    for p in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml"):
         if p.is_file():
             return yaml.safe_load(p.read_text()) or {}
-    return {}
+    return None
 
 
-def _convert_fake_positions(t, state: dict, saved_cfg: dict) -> list[str]:
+def _convert_fake_positions(t, state: dict, saved_cfg: dict) -> tuple[int, list[str]]:
     """The fake score's and the head's schedules count fake updates: a resume with another
     ``dmd.fake_updates_per_step`` moves them to where a run with the new value stands at this step (s x new, less
     the updates the saved run skipped as non-finite), so that the step-down and the warm-up fall where the new
     config puts them. Before (issue 34): the saved count was read in the new units (1 -> 2 after the step-down put
-    the fake score back before it, at 4x its lr)."""
+    the fake score back before it, at 4x its lr). Moves the fake score's schedule; returns (the shift, for the
+    head's, notes)."""
     old_k = int(((saved_cfg.get("dmd") or {}).get("fake_updates_per_step")) or t.cfg.dmd.fake_updates_per_step)
     new_k = t.cfg.dmd.fake_updates_per_step
-    t.fake_position_shift = 0
     if old_k == new_k:
-        return []
+        return 0, []
     saved = int(state["sched_fake"]["last_epoch"])
     skipped = max(0, t.step * old_k - saved)
-    t.fake_position_shift = max(0, t.step * new_k - skipped) - saved
-    t.sched_f.last_epoch = saved + t.fake_position_shift
-    return [f"resumed at step {t.step} with dmd.fake_updates_per_step {old_k} -> {new_k}: the fake score's "
-            f"schedule moves from update {saved} to {t.sched_f.last_epoch} (step {t.step} x {new_k}"
-            + (f", less {skipped} skipped" if skipped else "") + ")"]
+    shift = max(0, t.step * new_k - skipped) - saved
+    t.sched_f.last_epoch = saved + shift
+    return shift, [f"resumed at step {t.step} with dmd.fake_updates_per_step {old_k} -> {new_k}: the fake score's "
+                   f"schedule moves from update {saved} to {t.sched_f.last_epoch} (step {t.step} x {new_k}"
+                   + (f", less {skipped} skipped" if skipped else "") + ")"]
 
 
 def _batch_notes(t, path: Path, state: dict, saved_cfg: dict) -> list[str]:
@@ -241,14 +242,14 @@ def _batch_notes(t, path: Path, state: dict, saved_cfg: dict) -> list[str]:
     return notes
 
 
-def _load_gan_head(t, path: Path, state: dict) -> list[str]:
+def _load_gan_head(t, path: Path, state: dict, shift: int = 0) -> list[str]:
     if not t.head_params:
         return []
     if (path / "gan_head.safetensors").exists():
         t.model.gan_head.load_state_dict(load_file(str(path / "gan_head.safetensors")))
         load_optimizer(t.opt_d.optimizer, path / "optimizer_discriminator")
         t.sched_d.load_state_dict(state["sched_discriminator"])
-        t.sched_d.last_epoch += t.fake_position_shift  # it counts fake updates too (it follows the fake score's)
+        t.sched_d.last_epoch += shift  # it counts fake updates too, in step with the fake score's
         set_base_lr(t.opt_d, t.sched_d, t.cfg.optim.lr_fake)
         return []
     # DMD2's second stage: the GAN switched on when resuming a run made without it. The fresh head's schedule (built
