@@ -39,6 +39,9 @@ class StubModel:
     def real_denoiser(self):
         return lambda x_t, t, cond: 0.5 * x_t
 
+    def dm_denoisers(self):
+        return self.real_denoiser(), self.fake_denoiser()
+
     def fake_denoiser(self):
         return lambda x_t, t, cond: 0.8 * x_t
 

@@ -44,9 +44,9 @@ if mode == "slow_validation" and rank == 0:
         return render(self, tag)
     Trainer.validation_grid = slow
 if mode == "nan" and rank == 1:  # one sample of the teacher's output is NaN in step 2 on rank 1 only
-    real, calls = DMDModel.real_denoiser, [0]
-    def nan_real(self, *a, **k):
-        f = real(self, *a, **k)
+    pair, calls = DMDModel.dm_denoisers, [0]
+    def nan_real(self):
+        f, fake = pair(self)
         def g(x_t, t, cond):
             out = f(x_t, t, cond)
             calls[0] += 1
@@ -54,8 +54,8 @@ if mode == "nan" and rank == 1:  # one sample of the teacher's output is NaN in 
                 out = out.clone()
                 out[0] = float("nan")
             return out
-        return g
-    DMDModel.real_denoiser = nan_real
+        return g, fake
+    DMDModel.dm_denoisers = nan_real
 code = 0
 try:
     t = train(load_config(Config, sys.argv[1:])[0])

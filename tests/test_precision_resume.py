@@ -160,23 +160,23 @@ def test_nonfinite_teacher_sample_skips_every_update(setup, tmp_path, monkeypatc
 
     from sd_dmd.models.shared_unet import DMDModel
 
-    real = DMDModel.real_denoiser
+    pair = DMDModel.dm_denoisers
 
-    def nan_real(self, *a, **k):
-        f = real(self, *a, **k)
+    def nan_real(self):
+        f, fake = pair(self)
 
         def g(x_t, t, cond):
             out = f(x_t, t, cond).clone()
             out[0] = float("nan")  # one sample, as an fp16 overflow in the teacher gives
             return out
 
-        return g
+        return g, fake
 
     torch.manual_seed(0)
     t = Trainer(cfg_of(setup, tmp_path), Accelerator(mixed_precision="no"), log=lambda *a, **k: None)
     t.ema = EMAModel(t.gen_params, decay=0.9)
     t.train_step()
-    monkeypatch.setattr(DMDModel, "real_denoiser", nan_real)
+    monkeypatch.setattr(DMDModel, "dm_denoisers", nan_real)
     before = adapters(t)
     sched = (t.sched_g.last_epoch, t.sched_f.last_epoch, t.ema.optimization_step)
     opt_state = {k: v.clone() for st in t.opt_g.optimizer.state.values() for k, v in st.items() if torch.is_tensor(v)}

@@ -98,8 +98,8 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
     cond = model.encode_prompts(batch.prompts)
     timesteps = timesteps or [model.conditioning_timestep]
     x = backward_simulate(model, batch.z, cond, timesteps, batch.sim_steps, batch.sim_noise)
-    loss_dm, stats = dmd_loss(x, model.real_denoiser(), model.fake_denoiser(), batch.t, batch.noise,
-                              model.schedule, cond)
+    real, fake = model.dm_denoisers()  # one UNet call for both with train.one_call_roles (issue 35)
+    loss_dm, stats = dmd_loss(x, real, fake, batch.t, batch.noise, model.schedule, cond)
     loss = dm_weight * loss_dm
     if (callable(gan_weight) or gan_weight > 0) and batch.gan_t is not None:
         loss_gan, s_gan = gan_generator_loss(model.discriminator(gan_features), x, batch.gan_t, batch.gan_noise,

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from sd_dmd.core.denoisers import CFGDenoiser, PredictionDenoiser
 from sd_dmd.core.schedule import NoiseSchedule
 from sd_dmd.errors import ModelError
+from sd_dmd.models import lora_calls
 from sd_dmd.models.family import SD, Components, Family, check_prediction_type, detect_family, model_index
 
 GENERATOR, FAKE = "generator", "fake"
@@ -60,20 +61,29 @@ def _tuner_layers(module: torch.nn.Module) -> list:
     return layers
 
 
+def _routing(layer) -> tuple:
+    """What decides a LoRA layer's output: peft's active adapter and switch, and our row routing (lora_calls)."""
+    return layer._active_adapter, layer._disable_adapters, getattr(layer, "_sd_dmd_rows", None)
+
+
 @contextlib.contextmanager
 def _adapter_state(state: list):
-    """Route each LoRA layer as in ``state`` [(layer, active_adapter, disabled)], then restore.
+    """Route each LoRA layer as in ``state`` [(layer, (active_adapter, disabled, rows))], then restore.
 
     Sets what BaseTunerLayer.set_adapter / enable_adapters set, without their requires_grad side effects
     (which would drop the gradients of the graph being recomputed)."""
-    before = [(layer, layer._active_adapter, layer._disable_adapters) for layer, _, _ in state]
+    before = [(layer, _routing(layer)) for layer, _ in state]
     try:
-        for layer, active, disabled in state:
+        for layer, (active, disabled, rows) in state:
             layer._active_adapter, layer._disable_adapters = active, disabled
+            if rows is not None or hasattr(layer, "_sd_dmd_rows"):
+                layer._sd_dmd_rows = rows
         yield
     finally:
-        for layer, active, disabled in before:
+        for layer, (active, disabled, rows) in before:
             layer._active_adapter, layer._disable_adapters = active, disabled
+            if rows is not None or hasattr(layer, "_sd_dmd_rows"):
+                layer._sd_dmd_rows = rows
 
 
 class _Reentrant:
@@ -103,7 +113,7 @@ def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
     layers = _tuner_layers(module)
 
     def context_fn():
-        state = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
+        state = [(layer, _routing(layer)) for layer in layers]
         return contextlib.nullcontext(), _Reentrant(lambda: _adapter_state(state))
 
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
@@ -232,6 +242,8 @@ class DMDModel:
             if "lora_" in n:
                 p.data = p.data.float()
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        lora_calls.install(_tuner_layers(unet))  # our call path: rows routed to adapters, the merged form on CPU
+        self.one_call_roles = True  # the DM loss's real and fake scores in one UNet call (train.one_call_roles)
         self._activate(GENERATOR)
         if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_pinning_adapters)
@@ -240,6 +252,7 @@ class DMDModel:
 
         unet.set_attn_processor(AttnProcessor2_0())  # SDPA
         self._uncond = None
+        self._bottleneck = unet_bottleneck  # compiled by compile()
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
@@ -263,6 +276,22 @@ class DMDModel:
         self.unet.set_adapter(name)
         for p in self._lora_params:
             p.requires_grad_(True)
+
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile the UNet's forward and the GAN head's half-UNet (train.compile). Dynamo guards on each LoRA
+        layer's routing, on grad mode and on the batch shape, so a run compiles one graph per combination it meets
+        (roles x grad on/off x batch sizes: a handful, all in its first steps) and none after; the recompile limit is
+        raised so that these never fall back to eager."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+        self.unet.compile(backend=backend)
+        self._bottleneck = torch.compile(unet_bottleneck, backend=backend)
+
+    def set_lora_merge(self, on: bool) -> None:
+        """train.lora_merge: let each LoRA layer take the merged form where it is exact and cheaper (lora_calls)."""
+        lora_calls.set_merge(_tuner_layers(self.unet), on)
 
     # ----- parameters ---------------------------------------------------------------------------
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
@@ -290,18 +319,21 @@ class DMDModel:
         return self._uncond
 
     # ----- the three denoisers ------------------------------------------------------------------
-    def _predict(self, adapter: Optional[str]):
-        def predict(x_t, t, cond):  # the UNet's raw output (eps or v)
-            if adapter is None:
-                self.unet.disable_adapters()
+    def _predict(self, adapter: Optional[str], rows: Optional[list] = None):
+        """The UNet's raw output (eps or v) through ``adapter`` (None: adapters off), or with ``rows`` routed to their
+        adapters ((name or None, count), ...) in one call."""
+        def predict(x_t, t, cond):
+            if rows is not None:
+                routing = lora_calls.routed(_tuner_layers(self.unet), rows)
+            elif adapter is None:
+                routing = _adapter_state([(layer, (layer._active_adapter, True, None))
+                                          for layer in _tuner_layers(self.unet)])
             else:
                 self._activate(adapter)
-            try:
+                routing = contextlib.nullcontext()
+            with routing:
                 out = self.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype), t,
                                 **self.text.unet_kwargs(cond)).sample
-            finally:
-                if adapter is None:
-                    self.unet.enable_adapters()
             return out.float()
 
         return predict
@@ -322,6 +354,37 @@ class DMDModel:
 
     def fake_denoiser(self):
         return self._denoiser(FAKE)
+
+    def dm_denoisers(self):
+        """The DM loss's (real, fake) denoisers. With ``one_call_roles`` they evaluate together: real's call (the one
+        :func:`sd_dmd.core.losses.dmd_loss` makes first) runs the UNet once on 3B rows, CFG's unconditional and
+        conditional rows with adapters off and the fake score's through LoRA ``fake``, and keeps the fake rows' x0
+        for fake's call on the same (x_t, t, cond). A fake call on other inputs runs on its own."""
+        if not self.one_call_roles:
+            return self.real_denoiser(), self.fake_denoiser()
+        scale, held = self.real_guidance_scale, {}
+
+        def real(x_t, t, cond):
+            b = x_t.shape[0]
+            conds = [cond] if scale == 1.0 else [self.uncond_embedding.to(cond).expand(b, *cond.shape[1:]), cond]
+            k = len(conds)
+            joint = PredictionDenoiser(self._predict(None, [(None, k * b), (FAKE, b)]), self.schedule,
+                                       self.prediction_type)
+            with torch.no_grad():
+                x0 = joint(torch.cat([x_t] * (k + 1)), torch.cat([t] * (k + 1)), torch.cat(conds + [cond]))
+            held.update(inputs=(x_t, t, cond), fake=x0[k * b:])
+            if k == 1:
+                return x0[:b]
+            x0_u, x0_c = x0[:b], x0[b:2 * b]
+            return x0_u + scale * (x0_c - x0_u)
+
+        def fake(x_t, t, cond):
+            inputs, x0 = held.pop("inputs", None), held.pop("fake", None)
+            if inputs is not None and all(a is b for a, b in zip(inputs, (x_t, t, cond))):
+                return x0
+            return self.fake_denoiser()(x_t, t, cond)
+
+        return real, fake
 
     def generator_denoiser(self):
         return self._denoiser(GENERATOR)
@@ -375,10 +438,10 @@ class DMDModel:
         def disc(x_t, t, cond, features_grad: bool = True):
             self._activate(FAKE)
             x = x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype)
-            off = [(layer, layer._active_adapter, True) for layer in _tuner_layers(self.unet)]
+            off = [(layer, (layer._active_adapter, True, None)) for layer in _tuner_layers(self.unet)]
             routing = _adapter_state(off) if features == "teacher" else contextlib.nullcontext()
             with routing, torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
-                h = unet_bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond))
+                h = self._bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond))
             return head(h)
 
         return disc

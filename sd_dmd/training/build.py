@@ -75,6 +75,10 @@ def load_model(cfg: Config, device) -> tuple[DMDModel, tuple[int, int, int]]:
         conditioning_timestep=cfg.dmd.conditioning_timestep, real_guidance_scale=cfg.dmd.real_guidance_scale,
         gradient_checkpointing=cfg.train.gradient_checkpointing, resolution=cfg.model.resolution, vae=cfg.model.vae)
     m.generator_timesteps = list(cfg.dmd.generator_timesteps)
+    m.one_call_roles = cfg.train.one_call_roles
+    m.set_lora_merge(cfg.train.lora_merge)
+    if cfg.train.compile:
+        m.compile(cfg.train.compile_backend)
     vae_factor = m.vae_factor
     if cfg.model.resolution % vae_factor:
         raise ConfigError(f"model.resolution: {cfg.model.resolution} is not a multiple of the VAE factor {vae_factor}")

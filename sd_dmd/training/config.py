@@ -136,6 +136,17 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         False, "recompute activations in backward (UNet, and the VAE/TAESD decoder of LPIPS regression)")
     ema_decay: float = field(0.0, "EMA of the generator LoRA (0 = off); final/ gets the EMA weights")
+    one_call_roles: bool = field(
+        True, "the DM loss's real score (CFG's two rows, adapters off) and fake score (LoRA fake) in one UNet call "
+              "of 3B rows, each row routed to its adapter; false: separate calls (the same numbers to float rounding)")
+    compile: bool = field(
+        False, "torch.compile the UNet (and the GAN head's half-UNet): one graph per role, grad mode and batch shape, "
+               "compiled in the first steps, none after (docs/BENCHMARKS.md: its compile time and steady gain)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(
+        "inductor", "train.compile's backend (aot_eager / eager: for debugging, they trace but do not generate code)")
+    lora_merge: bool = field(
+        True, "on the CPU in fp32, each LoRA layer takes the cheaper of two exact forms per call: the branch "
+              "B(A(x)), or one convolution with W + s B A (sd_dmd/models/lora_calls.py); false: the branch always")
     max_nonfinite_steps: int = field(20, "stop after this many consecutive non-finite steps")
 
 
@@ -215,6 +226,9 @@ class Config:
         for k in ("batch_size", "gradient_accumulation_steps", "max_steps"):
             if getattr(self.train, k) < 1:
                 raise ConfigError(f"train.{k}: must be >= 1")
+        if self.train.compile and self.train.gradient_checkpointing:
+            raise ConfigError("train.compile: not supported with train.gradient_checkpointing yet (the checkpointed "
+                              "blocks pin adapters from Python at recompute time); switch one of them off")
         if not 0 <= self.train.ema_decay < 1:
             raise ConfigError("train.ema_decay: must be in [0, 1)")
         if not self.data.prompts:
