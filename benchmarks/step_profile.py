@@ -4,6 +4,7 @@ against what its FLOPs would take at this machine's matmul rate (issue 35).
     python benchmarks/step_profile.py                                   # the digits default step (configs/digits.yaml)
     python benchmarks/step_profile.py --model sd15 --resolution 256     # SD1.5-shaped step on CPU, batch 1
     python benchmarks/step_profile.py --steps 6 --train.one_call_roles false   # extra arguments: config overrides
+    python benchmarks/step_profile.py --ab        # one Trainer, steps alternated: both issue-35 features off / on
 
 For the digits it needs demo_out/ (``python -m sd_dmd.demo --inputs_only`` and ``python -m sd_dmd.encode_images
 --source digits --output_dir demo_out/real``). ``--model sd15`` builds an SD1.5-shaped pipeline with random weights
@@ -133,6 +134,27 @@ def profile_step(t, top: int):
     return wall, aten, [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in rows]
 
 
+def ab(t, steps: int) -> None:
+    """Steps alternated on one Trainer between train.lora_merge + train.one_call_roles off and on (machine drift hits
+    both alike); prints the medians and their ratio."""
+    times: dict = {False: [], True: []}
+    for i in range(2 * steps + 2):
+        on = bool(i % 2)
+        t.model.set_lora_merge(on)
+        t.model.one_call_roles = on
+        r = timed_step(t)
+        if i >= 2:
+            times[on].append(r)
+    print("| features | generator turn (s) | fake turns (s) | step (s) |\n|---|---|---|---|")
+    med = {}
+    for on in (False, True):
+        med[on] = {k: statistics.median(r[k] for r in times[on]) for k in times[on][0]}
+        print(f"| lora_merge + one_call_roles {'on' if on else 'off'} | {med[on]['generator turn']:.3f} | "
+              f"{med[on]['fake turns']:.3f} | {med[on]['step']:.3f} |")
+    print(f"\noff / on: step {med[False]['step'] / med[True]['step']:.2f}x "
+          f"({steps} steps each, alternated, after one warm-up each)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", choices=["digits", "tiny", "medium", "sd15"])
@@ -141,9 +163,14 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=10, help="operators listed")
     p.add_argument("--label", default="", help="a name for this row (e.g. before / after)")
+    p.add_argument("--ab", action="store_true", help="alternate the issue-35 features off / on, step by step")
     args, overrides = p.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = build(args, overrides, Path(tmp))
+        if args.ab:
+            print(f"command: python benchmarks/step_profile.py {' '.join(__import__('sys').argv[1:])}")
+            print(device_line() + f"; model {args.model}, batch {t.cfg.train.batch_size}")
+            return ab(t, args.steps)
         for _ in range(args.warmup):
             timed_step(t)
         runs = [timed_step(t) for _ in range(args.steps)]

@@ -7,9 +7,9 @@ with two things peft's forward does not do.
    mixed batches (``adapter_names=``) refuse training mode; this works with or without gradients, under gradient
    checkpointing (the routing is pinned with the adapter state, shared_unet.checkpoint_pinning_adapters) and under
    torch.compile (one graph per routing: a handful, compiled once).
-2. **The cheaper of two exact forms, per layer and call.** A rank-r LoRA branch costs N r (in_k + out) multiply-adds
-   per call over N positions (three times that with gradients); the merged form computes W + s B A once (out r in_k)
-   and runs one convolution, and with gradients takes the full weight gradient (N in_k out) from which A's and B's
+2. **The cheaper of two exact forms, per layer and call.** A rank-r LoRA branch costs r (in_k + out) multiply-adds
+   per output position (three times that with gradients); the merged form computes W + s B A once per call and runs
+   one convolution, and with gradients takes the full weight gradient (in_k out per position) from which A's and B's
    follow by two small matmuls (:class:`_MergedLora`, which recomputes W + s B A in the backward instead of keeping
    it). At the digits' widths (48-96 channels, r = 32) the merged form is the cheaper everywhere; at SD1.5's (320-1280,
    r = 64) only without gradients. It is used only where the merged sum is as exact as the branch: fp32 weights and
@@ -59,19 +59,12 @@ class _MergedLora(torch.autograd.Function):
         return gx, None, None, ga, gb, None, None
 
 
-def _positions(x: torch.Tensor, base: torch.nn.Module) -> int:
-    if isinstance(base, torch.nn.Conv2d):
-        return x.shape[0] * x.shape[-2] * x.shape[-1] // (base.stride[0] * base.stride[1])
-    return x.numel() // x.shape[-1]
-
-
-def _merged_pays(x: torch.Tensor, base: torch.nn.Module, a: torch.Tensor, grad: bool) -> bool:
-    """Multiply-adds of the merged form against the branch's, for this call."""
+def _merged_pays(base: torch.nn.Module, a: torch.Tensor, grad: bool) -> bool:
+    """Multiply-adds per output position of the merged form against the branch's. The merge itself (out r in_k, once
+    per call) is left out, so that the choice depends on the layer alone, never on the batch: a batch split into
+    micro-batches or over processes takes the same form everywhere (tests/test_correctness.py, test_invariance.py)."""
     out, r, in_k = base.weight.shape[0], a.shape[0], a[0].numel()
-    n = _positions(x, base)
-    branch = n * r * (in_k + out) * (3 if grad else 1)
-    merged = out * r * in_k * (4 if grad else 1) + (n * in_k * out if grad else 0)
-    return merged < branch
+    return not grad or in_k * out < 3 * r * (in_k + out)
 
 
 @torch.compiler.assume_constant_result
@@ -104,7 +97,7 @@ class RoutedLora:
         if (self._sd_dmd_merge and _merge_exact(x, base) and (not conv or (base.groups == 1 and base.dilation == (1, 1)
                                                       and base.padding_mode == "zeros"))):
             grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or x.requires_grad)
-            if _merged_pays(x, base, a, grad):
+            if _merged_pays(base, a, grad):
                 return _MergedLora.apply(x, base.weight, base.bias, a, b, s,
                                          (base.stride, base.padding, base.dilation, base.groups) if conv else None)
         result = base(x)
