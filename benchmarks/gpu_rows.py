@@ -108,7 +108,9 @@ def row_features(path, res, prompts, batch, precision, repeats, tmp, backend: st
     off, on = min(times[False]), min(times[True])
     print(f"| one-call roles | {off:.3f} | {on:.3f} | {off / on:.2f} | - |", flush=True)
     t.model.one_call_roles = True
-    t.model.compile(backend)
+    from sd_dmd.models.shared_unet import compile_unet
+
+    compile_unet(t.model, backend)
     sync()
     t0 = time.perf_counter()
     for _ in range(3):  # every role, grad mode and shape of a step

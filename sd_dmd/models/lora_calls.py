@@ -95,7 +95,7 @@ class RoutedLora:
         a, b, s = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
         conv = isinstance(base, torch.nn.Conv2d)
         if (self._sd_dmd_merge and _merge_exact(x, base) and (not conv or (base.groups == 1 and base.dilation == (1, 1)
-                                                      and base.padding_mode == "zeros"))):
+                                                      and base.padding_mode == "zeros" and not isinstance(base.padding, str)))):
             grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or x.requires_grad)
             if _merged_pays(base, a, grad):
                 return _MergedLora.apply(x, base.weight, base.bias, a, b, s,

@@ -198,6 +198,67 @@ def describe(m: "DMDModel") -> str:
     return "\n".join(lines)
 
 
+def unet_predictor(m: "DMDModel", adapter: Optional[str], rows: Optional[list] = None):
+    """The UNet's raw output (eps or v) through ``adapter`` (None: adapters off), or with ``rows`` routed to their
+    adapters ((name or None, count), ...) in one call."""
+    def predict(x_t, t, cond):
+        if rows is not None:
+            routing = lora_calls.routed(_tuner_layers(m.unet), rows)
+        elif adapter is None:
+            routing = _adapter_state([(layer, (layer._active_adapter, True, None)) for layer in _tuner_layers(m.unet)])
+        else:
+            m._activate(adapter)
+            routing = contextlib.nullcontext()
+        with routing:
+            out = m.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(m.unet.dtype), t,
+                         **m.text.unet_kwargs(cond)).sample
+        return out.float()
+
+    return predict
+
+
+def one_call_denoisers(m: "DMDModel"):
+    """The DM loss's (real, fake) denoisers, evaluated together: real's call (the one
+    :func:`sd_dmd.core.losses.dmd_loss` makes first) runs the UNet once on 3B rows, CFG's unconditional and
+    conditional rows with adapters off and the fake score's through LoRA ``fake``, and keeps the fake rows' x0 for
+    fake's call on the same (x_t, t, cond). A fake call on other inputs runs on its own."""
+    scale, held = m.real_guidance_scale, {}
+
+    def real(x_t, t, cond):
+        b = x_t.shape[0]
+        conds = [cond] if scale == 1.0 else [m.uncond_embedding.to(cond).expand(b, *cond.shape[1:]), cond]
+        k = len(conds)
+        joint = PredictionDenoiser(m._predict(None, [(None, k * b), (FAKE, b)]), m.schedule, m.prediction_type)
+        with torch.no_grad():
+            x0 = joint(torch.cat([x_t] * (k + 1)), torch.cat([t] * (k + 1)), torch.cat(conds + [cond]))
+        held.update(inputs=(x_t, t, cond), fake=x0[k * b:])
+        if k == 1:
+            return x0[:b]
+        x0_u, x0_c = x0[:b], x0[b:2 * b]
+        return x0_u + scale * (x0_c - x0_u)
+
+    def fake(x_t, t, cond):
+        inputs, x0 = held.pop("inputs", None), held.pop("fake", None)
+        if inputs is not None and all(a is b for a, b in zip(inputs, (x_t, t, cond))):
+            return x0
+        return m.fake_denoiser()(x_t, t, cond)
+
+    return real, fake
+
+
+def compile_unet(m: "DMDModel", backend: str = "inductor") -> None:
+    """torch.compile the UNet's forward and the GAN head's half-UNet (train.compile). Dynamo guards on each LoRA
+    layer's routing, on grad mode and on the batch shape, so a run compiles one graph per combination it meets (roles
+    x grad on/off x batch sizes: a handful, all in its first steps) and none after; the recompile limit is raised so
+    that these never fall back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    m.unet.compile(backend=backend)
+    m._bottleneck = torch.compile(unet_bottleneck, backend=backend)
+
+
 class DMDModel:
     """The shared UNet with its two adapters, the frozen VAE/text encoder(s), and the schedule, for a teacher of any
     family (:mod:`sd_dmd.models.family`: how prompts become conditioning and how the UNet is called with it)."""
@@ -277,18 +338,6 @@ class DMDModel:
         for p in self._lora_params:
             p.requires_grad_(True)
 
-    def compile(self, backend: str = "inductor") -> None:
-        """torch.compile the UNet's forward and the GAN head's half-UNet (train.compile). Dynamo guards on each LoRA
-        layer's routing, on grad mode and on the batch shape, so a run compiles one graph per combination it meets
-        (roles x grad on/off x batch sizes: a handful, all in its first steps) and none after; the recompile limit is
-        raised so that these never fall back to eager."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-        self.unet.compile(backend=backend)
-        self._bottleneck = torch.compile(unet_bottleneck, backend=backend)
-
     def set_lora_merge(self, on: bool) -> None:
         """train.lora_merge: let each LoRA layer take the merged form where it is exact and cheaper (lora_calls)."""
         lora_calls.set_merge(_tuner_layers(self.unet), on)
@@ -320,23 +369,7 @@ class DMDModel:
 
     # ----- the three denoisers ------------------------------------------------------------------
     def _predict(self, adapter: Optional[str], rows: Optional[list] = None):
-        """The UNet's raw output (eps or v) through ``adapter`` (None: adapters off), or with ``rows`` routed to their
-        adapters ((name or None, count), ...) in one call."""
-        def predict(x_t, t, cond):
-            if rows is not None:
-                routing = lora_calls.routed(_tuner_layers(self.unet), rows)
-            elif adapter is None:
-                routing = _adapter_state([(layer, (layer._active_adapter, True, None))
-                                          for layer in _tuner_layers(self.unet)])
-            else:
-                self._activate(adapter)
-                routing = contextlib.nullcontext()
-            with routing:
-                out = self.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(self.unet.dtype), t,
-                                **self.text.unet_kwargs(cond)).sample
-            return out.float()
-
-        return predict
+        return unet_predictor(self, adapter, rows)
 
     def real_denoiser(self, guidance_scale: Optional[float] = None):
         """Teacher x0 with CFG; runs under no_grad always."""
@@ -356,35 +389,8 @@ class DMDModel:
         return self._denoiser(FAKE)
 
     def dm_denoisers(self):
-        """The DM loss's (real, fake) denoisers. With ``one_call_roles`` they evaluate together: real's call (the one
-        :func:`sd_dmd.core.losses.dmd_loss` makes first) runs the UNet once on 3B rows, CFG's unconditional and
-        conditional rows with adapters off and the fake score's through LoRA ``fake``, and keeps the fake rows' x0
-        for fake's call on the same (x_t, t, cond). A fake call on other inputs runs on its own."""
-        if not self.one_call_roles:
-            return self.real_denoiser(), self.fake_denoiser()
-        scale, held = self.real_guidance_scale, {}
-
-        def real(x_t, t, cond):
-            b = x_t.shape[0]
-            conds = [cond] if scale == 1.0 else [self.uncond_embedding.to(cond).expand(b, *cond.shape[1:]), cond]
-            k = len(conds)
-            joint = PredictionDenoiser(self._predict(None, [(None, k * b), (FAKE, b)]), self.schedule,
-                                       self.prediction_type)
-            with torch.no_grad():
-                x0 = joint(torch.cat([x_t] * (k + 1)), torch.cat([t] * (k + 1)), torch.cat(conds + [cond]))
-            held.update(inputs=(x_t, t, cond), fake=x0[k * b:])
-            if k == 1:
-                return x0[:b]
-            x0_u, x0_c = x0[:b], x0[b:2 * b]
-            return x0_u + scale * (x0_c - x0_u)
-
-        def fake(x_t, t, cond):
-            inputs, x0 = held.pop("inputs", None), held.pop("fake", None)
-            if inputs is not None and all(a is b for a, b in zip(inputs, (x_t, t, cond))):
-                return x0
-            return self.fake_denoiser()(x_t, t, cond)
-
-        return real, fake
+        """The DM loss's (real, fake) denoisers: in one UNet call with ``one_call_roles`` (:func:`one_call_denoisers`)."""
+        return one_call_denoisers(self) if self.one_call_roles else (self.real_denoiser(), self.fake_denoiser())
 
     def generator_denoiser(self):
         return self._denoiser(GENERATOR)

@@ -12,7 +12,7 @@ from sd_dmd.core.losses import make_regression_loss
 from sd_dmd.data.latents import LatentStore
 from sd_dmd.data.pairs import PairsStore
 from sd_dmd.data.prompts import PromptFilter, read_prompts
-from sd_dmd.models.shared_unet import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec
+from sd_dmd.models.shared_unet import DTYPES, FAKE, GENERATOR, DMDModel, LoraSpec, compile_unet
 from sd_dmd.models.teacher import teacher_identity
 from sd_dmd.models.vae import vae_identity
 from sd_dmd.training.config import Config, resolve_precision
@@ -78,7 +78,7 @@ def load_model(cfg: Config, device) -> tuple[DMDModel, tuple[int, int, int]]:
     m.one_call_roles = cfg.train.one_call_roles
     m.set_lora_merge(cfg.train.lora_merge)
     if cfg.train.compile:
-        m.compile(cfg.train.compile_backend)
+        compile_unet(m, cfg.train.compile_backend)
     vae_factor = m.vae_factor
     if cfg.model.resolution % vae_factor:
         raise ConfigError(f"model.resolution: {cfg.model.resolution} is not a multiple of the VAE factor {vae_factor}")
