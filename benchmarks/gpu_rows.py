@@ -14,7 +14,6 @@ Rows (each printed as soon as it is measured, markdown, with the device line):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -22,19 +21,7 @@ from pathlib import Path
 
 import torch
 from common import ROOT, bench_model, device_line, sync
-
-
-def _timed(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import time_call as _timed
 
 
 def _peak_reset() -> None:

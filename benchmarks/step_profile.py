@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, bench_model, device_line, sync
+from common import ROOT, bench_model, device_line, sync, time_call
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -89,18 +89,9 @@ def forward_time(t, repeats: int = 5) -> float:
     m.unet.disable_adapters()
     try:
         with torch.no_grad():
-            for _ in range(2):
-                m.unet(x, ts, **m.text.unet_kwargs(cond))
-            times = []
-            for _ in range(repeats):
-                sync()
-                t0 = time.perf_counter()
-                m.unet(x, ts, **m.text.unet_kwargs(cond))
-                sync()
-                times.append(time.perf_counter() - t0)
+            return time_call(lambda: m.unet(x, ts, **m.text.unet_kwargs(cond)), repeats, warmup=2)
     finally:
         m.unet.enable_adapters()
-    return statistics.median(times)
 
 
 def count_passes(t) -> float:
