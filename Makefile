@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): requirements.txt constraints.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip -c constraints.txt
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
-	$(BIN)/pip install -q -e ".[app,test]" -c constraints.txt  # the app's extra and the browser test's
+	$(BIN)/pip install -q -e ".[app,wandb,test]" -c constraints.txt  # the app's, W&B's and the browser test's extras
 	touch $(STAMP)
 
 install: $(STAMP)
