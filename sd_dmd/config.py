@@ -25,6 +25,7 @@ config reloads identically.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -42,11 +43,14 @@ class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type; the message names the key."""
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with a help text (shown by ``--help``)."""
+def field(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING,
+          secret: bool = False):
+    """A dataclass field with a help text (shown by ``--help``). A ``secret`` field (a token) is read like any other
+    but never written out: :func:`to_dict`, :func:`dump_config` and so every saved or logged config hold null."""
+    meta = {"help": help, "secret": secret}
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _hints(cls) -> dict:
@@ -268,7 +272,13 @@ def _build(cls, data: dict, prefix: str = "", base=None):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts, with every secret field (:func:`field`) set to None."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = (None if f.metadata.get("secret") else to_dict(value) if dataclasses.is_dataclass(value)
+                       else copy.deepcopy(value))
+    return out
 
 
 def _leaf_fields(obj, prefix=""):

@@ -60,3 +60,18 @@ def real_latents(tiny_pipe_dir, tmp_path_factory):
     encode_images.main(["--images", str(d), "--pretrained_model_name_or_path", tiny_pipe_dir,
                         "--output_dir", str(d / "store"), "--resolution", "16"])
     return str(d / "store")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub pointed at a local stand-in of the Hub (tests/fake_hub.py), online for this test only, with
+    Xet off (files go inline); yields the record of what was created and committed."""
+    from huggingface_hub import constants
+    from fake_hub import FakeHub
+
+    with FakeHub() as record:
+        monkeypatch.setattr(constants, "ENDPOINT", record.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield record

@@ -87,33 +87,50 @@ def test_local_teacher_license_from_its_own_card(tmp_path):
     assert d.license == "mit" and d.base_model is None
 
 
-# What the snippet needs to run on this machine, each replaced exactly once: the LoRA folder, and CPU / fp32 for the
-# card's CUDA / fp16 (the tiny pipeline's teacher path is the model the card already names).
-def _runnable(code: str, lora_dir: Path) -> str:
-    for old, new in (('"path/to/this/folder"', repr(str(lora_dir))), ('"cuda"', '"cpu"'),
-                     ("torch.float16", "torch.float32")):
+# What a reader fills in, each exactly once: the LoRA folder, and the teacher's folder name (a local teacher has no
+# hub id) by its path. Nothing else: the snippet picks CUDA/fp16 or CPU/fp32 by itself.
+def _runnable(code: str, lora_dir: Path, teacher: str) -> str:
+    for old, new in (('"path/to/this/folder"', repr(str(lora_dir))), (f'"{Path(teacher).name}"', repr(teacher))):
         assert code.count(old) == 1, (old, code)
         code = code.replace(old, new)
     return code
 
 
+ABSOLUTE = re.compile(r"(?<![\w:/.~-])(?:~|/)[\w.-]+/")  # "/x/..." or "~/...", not a URL or "docs/x"
+
+
 @pytest.mark.parametrize("timesteps", [["999"], ["999", "499"]])
-def test_card_snippet_runs(train_setup, tmp_path, timesteps):
+def test_card_snippet_runs_and_holds_no_path(train_setup, real_latents, tmp_path, timesteps):
     from sd_dmd.training.loop import train
 
+    prompts = ["a tiny red cube", 'a "quoted" blue sphere']
     cfg = load_config(Config, [
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path", train_setup["pipe"],
         "--regression.pairs_dir", train_setup["pairs"], "--data.prompts", train_setup["prompts"],
         "--output_dir", str(tmp_path / "run"), "--train.max_steps", "1", "--checkpointing.every", "0",
+        "--gan.real_latents", real_latents, "--logging.validation_prompts", *prompts,
         "--dmd.generator_timesteps", *timesteps])[0]
     final = train(cfg).final
+    text = (final / "README.md").read_text()
     card = ModelCard.load(final / "README.md")
-    assert card.data.base_model is None and train_setup["pipe"] not in card.data.to_yaml()  # a local tiny teacher
+    assert card.data.base_model is None and train_setup["pipe"] not in text  # a local tiny teacher
+    for local in (str(tmp_path), train_setup["pipe"], real_latents, str(Path.home()), str(ROOT)):
+        assert local not in text
+    assert not ABSOLUTE.search(text), ABSOLUTE.search(text)
+    assert Path(train_setup["pipe"]).name in text and "replace it with that folder's path" in text
     blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
     assert len(blocks) == 1, card.text
-    assert f'from_pretrained("{train_setup["pipe"]}"' in blocks[0]
+    assert f'pipe({json.dumps(prompts[0])},' in blocks[0]  # the run's own first validation prompt
     ns = {}
-    exec(compile(_runnable(blocks[0], final), str(final / "README.md"), "exec"), ns)
+    exec(compile(_runnable(blocks[0], final, train_setup["pipe"]), str(final / "README.md"), "exec"), ns)
     assert ns["image"].size == (16, 16)
     sched = ns["pipe"].scheduler
     assert type(sched).__name__ == "LCMScheduler" and sched.timesteps.tolist() == [int(t) for t in timesteps]
+
+
+def test_notes_lose_their_paths(tmp_path):
+    from sd_dmd.outputs.model_card import without_paths
+
+    assert without_paths("resumed from /data/runs/x/checkpoint-5 at step 5 (see docs/HEALTH.md, "
+                         "https://hf.co/a/b, ~/w/c)") == ("resumed from checkpoint-5 at step 5 (see docs/HEALTH.md, "
+                                                         "https://hf.co/a/b, c)")

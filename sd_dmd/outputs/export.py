@@ -17,6 +17,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -93,18 +94,66 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     return info
 
 
+def push_target(run: Path) -> tuple[Path, Optional[str]]:
+    """What ``--push_to_hub`` uploads for ``run``, and to which branch: a run directory or its ``final/`` -> final/
+    to main; a ``checkpoint-N/`` -> its generator LoRA (the EMA one when saved) to branch ``step-N``."""
+    from sd_dmd.outputs.hub import checkpoint_branch
+    from sd_dmd.run_dir import CKPT_RE
+
+    m = CKPT_RE.match(run.name)
+    if m and run.is_dir():
+        lora = run / "generator_ema" if (run / "generator_ema").is_dir() else run / "generator"
+        return lora, checkpoint_branch(int(m.group(1)))
+    final = run / "final" if (run / "final").is_dir() else run
+    return final, None
+
+
+def _push(args) -> None:
+    from sd_dmd.cli import fail
+    from sd_dmd.outputs.hub import push_folder
+
+    folder, branch = push_target(args.run)
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        fail(f"{args.run}: no final/ (or checkpoint-N/generator/) with pytorch_lora_weights.safetensors; "
+             "give a run directory, its final/ or a checkpoint-N/")
+    try:
+        url = push_folder(folder, args.push_to_hub, private=args.private, token=args.token, branch=branch)
+    except Exception as e:  # noqa: BLE001 - one line, with the token scrubbed
+        text = str(e).replace(args.token, "<token>") if args.token else str(e)
+        fail(f"push of {folder} to {args.push_to_hub} failed: {type(e).__name__}: "
+             f"{(text.strip().splitlines() or [''])[0]}")
+    print(f"pushed {folder} to {args.push_to_hub}{f' (branch {branch})' if branch else ''}: {url}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Merge a trained LoRA into the base UNet and save a plain "
-                                            "UNet2DConditionModel.")
-    p.add_argument("--model", required=True, help="diffusers SD pipeline path or hub id (the base the LoRA trained on)")
-    p.add_argument("--lora", required=True, help="run directory (final/), final/, checkpoint-N/ (generator/) or a "
+                                            "UNet2DConditionModel; or, with RUN --push_to_hub ID, upload a finished "
+                                            "run's final/ (or a checkpoint's LoRA) to the Hugging Face Hub.")
+    p.add_argument("run", nargs="?", type=Path, help="with --push_to_hub: a run directory, its final/, or a "
+                   "checkpoint-N/ (pushed to branch step-N)")
+    p.add_argument("--push_to_hub", metavar="ID", default=None, help="Hub repository 'owner/name' (created if missing)")
+    p.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
+    p.add_argument("--token", default=None, help="with --push_to_hub: Hub token (else HF_TOKEN or `hf auth login`)")
+    p.add_argument("--model", help="diffusers SD pipeline path or hub id (the base the LoRA trained on)")
+    p.add_argument("--lora", help="run directory (final/), final/, checkpoint-N/ (generator/) or a "
                    "LoRA .safetensors file (diffusers or kohya keys)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for the fused UNet (must not exist)")
+    p.add_argument("--out", type=Path, help="output directory for the fused UNet (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the saved weights "
                    "(the merge itself runs in fp32)")
     p.add_argument("--revision", default=None, help="hub revision of the base model")
     p.add_argument("--variant", default=None, help="weight variant of the base model, e.g. fp16")
     args = p.parse_args(argv)
+    if args.push_to_hub or args.run is not None:
+        if not (args.push_to_hub and args.run is not None):
+            p.error("RUN and --push_to_hub ID go together (python -m sd_dmd.export RUN --push_to_hub ID)")
+        return _push(args)
+    missing = [f"--{k}" for k in ("model", "lora", "out") if getattr(args, k) is None]
+    if missing:
+        p.error(f"the fused-UNet export needs {', '.join(missing)}")
+    _fuse(args)
+
+
+def _fuse(args) -> None:
     from sd_dmd.cli import fail, guarded
     from sd_dmd.models.shared_unet import DTYPES
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -122,37 +123,52 @@ CARD_CURVE_KEYS = ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator")  #
 
 
 def gan_summary(cfg: Config) -> str:
-    """The card's GAN row: when it is on, its weights and its real latents; or "off"."""
+    """The card's GAN row: when it is on, its weights and its real latents (by folder name); or "off"."""
     g = cfg.gan
     return (f"on from step {g.start_step}, weights G {g.generator_weight} / D {g.discriminator_weight}, real latents "
-            f"`{g.real_latents}`" if g.real_latents else "off")
+            f"`{Path(g.real_latents).name}`" if g.real_latents else "off")
 
 
-def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool,
-                     pipeline: str = "StableDiffusionPipeline") -> None:
-    """``final/README.md``: teacher, timesteps, settings, curves, and how to load both LoRA files in ``pipeline``."""
-    keys = CARD_CURVE_KEYS
-    notes = [h["note"] for h in history if "note" in h]
-    rows = curve_rows([h for h in history if "note" not in h], keys)
-    model = cfg.model.pretrained_model_name_or_path
-    base = base_model_id(model)
-    g = cfg.lora.generator
-    ts = list(cfg.dmd.generator_timesteps)
-    steps = len(ts)
+_ABSOLUTE = re.compile(r"(?<![\w:/.~-])(?:~|/)[^\s`'\")\]]*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path (``/a/b/c``, ``~/c``) cut to its last part: a card travels."""
+    return _ABSOLUTE.sub(lambda m: Path(m.group(0)).name or m.group(0), text)
+
+
+def teacher_reference(model: str, base: Optional[str]) -> tuple[str, bool]:
+    """How the card names the teacher: its hub id where one is known, else its folder's name, which a reader must
+    replace (second value True)."""
+    if base is not None:
+        return base, False
+    return Path(model).expanduser().name, True
+
+
+def use_snippet(pipeline: str, teacher: str, lora: str, prompt: str, steps: int, ts: list[int]) -> str:
+    """The card's Python: load the teacher and the LoRA, sample ``steps`` step(s) with LCMScheduler; CUDA in fp16
+    where there is one, else the CPU in fp32."""
     grid = lcm_original_steps(ts)  # silences LCMScheduler's "not on the original schedule" warning for several steps
     lcm_kw = f", original_inference_steps={grid}" if steps > 1 and grid is not None else ""
-    how = "one step from pure noise" if steps == 1 else f"{steps} steps, LCM re-noising between them"
-    text = f"""---
-{card_metadata(model, base, steps, pipeline)}
----
-# One-step DMD LoRA for `{base or Path(model).name}`
+    return f"""import torch
+from diffusers import {pipeline}, LCMScheduler
 
-Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
-**one-step** generator: LoRA r={g.rank}, alpha={g.alpha}, on the frozen teacher UNet.
+device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+pipe = {pipeline}.from_pretrained({json.dumps(teacher)}, dtype=dtype).to(device)
+pipe.load_lora_weights({json.dumps(lora)})
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{lcm_kw})
+image = pipe({json.dumps(prompt)}, num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]
+"""
 
-| setting | value |
+
+def _settings_table(cfg: Config, teacher: str) -> str:
+    g = cfg.lora.generator
+    ts = list(cfg.dmd.generator_timesteps)
+    how = "one step from pure noise" if len(ts) == 1 else f"{len(ts)} steps, LCM re-noising between them"
+    return f"""| setting | value |
 |---|---|
-| teacher | `{model}`{f" (revision {cfg.model.revision})" if cfg.model.revision else ""} |
+| teacher | `{teacher}`{f" (revision {cfg.model.revision})" if cfg.model.revision else ""} |
+| LoRA | r={g.rank}, alpha={g.alpha} |
 | sampling timesteps | {ts} ({how}; guidance 0) |
 | real-score guidance | {cfg.dmd.real_guidance_scale} |
 | DM timesteps | [{cfg.dmd.t_min}, {cfg.dmd.t_max}] |
@@ -162,30 +178,55 @@ Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXi
 | optimiser | {cfg.optim.optimizer}, lr G {cfg.optim.lr_generator} / fake {cfg.optim.lr_fake} |
 | steps x batch | {cfg.train.max_steps} x {cfg.train.batch_size} per process |
 | precision | autocast {cfg.train.mixed_precision}, base weights {cfg.model.weight_dtype} |
-| resolution | {cfg.model.resolution} |
+| resolution | {cfg.model.resolution} |"""
+
+
+def _curves_section(history: list[dict]) -> str:
+    keys = CARD_CURVE_KEYS
+    notes = [without_paths(str(h["note"])) for h in history if "note" in h]
+    rows = curve_rows([h for h in history if "note" not in h], keys)
+    return f"""| step | {' | '.join(keys)} |
+|---|{'---|' * len(keys)}
+{chr(10).join(rows) if rows else '| - |'}
+{"".join(f"{chr(10)}Note: {n}{chr(10)}" for n in notes)}"""
+
+
+def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool,
+                     pipeline: str = "StableDiffusionPipeline", repo_id: Optional[str] = None) -> None:
+    """``final/README.md``: teacher, timesteps, settings, curves, and how to load both LoRA files in ``pipeline``.
+    No local path appears in it. The snippet loads the LoRA from ``repo_id`` when the run is pushed there."""
+    model = cfg.model.pretrained_model_name_or_path
+    base = base_model_id(model)
+    teacher, placeholder = teacher_reference(model, base)
+    ts = list(cfg.dmd.generator_timesteps)
+    steps = len(ts)
+    prompts = list(cfg.logging.validation_prompts)
+    code = use_snippet(pipeline, teacher, repo_id or "path/to/this/folder", prompts[0] if prompts else "a photo",
+                       steps, ts)
+    replace = (f"\n`{teacher}` is the name of the folder the teacher was trained from, not a Hub id: replace it with "
+               "that folder's path or the Hub id of the same model.\n" if placeholder else "")
+    text = f"""---
+{card_metadata(model, base, steps, pipeline)}
+---
+# {"One-step" if steps == 1 else f"{steps}-step"} DMD LoRA for `{teacher}`
+
+Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
+**{"one-step" if steps == 1 else f"{steps}-step"}** generator: LoRA r={cfg.lora.generator.rank}, alpha={cfg.lora.generator.alpha}, on the frozen teacher UNet.
+
+{_settings_table(cfg, teacher)}
 
 ## Training curve (summary)
 
-| step | {' | '.join(keys)} |
-|---|{'---|' * len(keys)}
-{chr(10).join(rows) if rows else '| - |'}
-{"".join(f"{chr(10)}Note: {n}{chr(10)}" for n in notes)}
+{_curves_section(history)}
 ## Use
 
-diffusers (this folder holds `pytorch_lora_weights.safetensors` with its adapter metadata):
+diffusers ({"the repository" if repo_id else "this folder"} holds `pytorch_lora_weights.safetensors` with its adapter metadata):
 
 ```python
-import torch
-from diffusers import {pipeline}, LCMScheduler
-
-pipe = {pipeline}.from_pretrained("{model}", dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{lcm_kw})
-image = pipe("a photo of a cat", num_inference_steps={steps}, timesteps={ts}, guidance_scale=0.0).images[0]
-```
-
+{code}```
+{replace}
 ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
-`lora_up`, `.alpha` = {g.alpha}). Load it with the teacher `{model}` as a normal LoRA at strength 1.0 and sample
+`lora_up`, `.alpha` = {cfg.lora.generator.alpha}). Load it with the teacher `{teacher}` as a normal LoRA at strength 1.0 and sample
 **{steps} step{"s" if steps > 1 else ""}** with the LCM sampler at timestep{"s" if steps > 1 else ""} {", ".join(map(str, ts))} (scheduler "sgm_uniform"/"simple" in
 ComfyUI{"; with several steps check that the sampler's timesteps are these" if steps > 1 else ""}), CFG 1.
 {f"{chr(10)}Samples from the final generator (fixed validation prompts and seeds):{chr(10)}{chr(10)}![samples](samples.png)" if has_samples else ""}

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from sd_dmd.models.lora import KOHYA_FILE, export_kohya, save_lora
 from sd_dmd.models.shared_unet import GENERATOR
+from sd_dmd.outputs.hub import try_push
 from sd_dmd.outputs.model_card import write_model_card
+from sd_dmd.training.tracking import log_image, log_text
 
 
 @torch.no_grad()
@@ -41,9 +42,8 @@ def validation_grid(t, tag: str) -> Optional[Path]:
     labels = [f"seed {seed} · student · {n} step{'s' if n > 1 else ''}" for seed in lg.validation_seeds]
     grid = labelled_grid(rows, labels, list(lg.validation_prompts))
     grid.save(path)
-    if lg.tracker == "tensorboard":
-        tb = t.acc.get_tracker("tensorboard", unwrap=True)
-        tb.add_image("validation", np.asarray(grid), t.step, dataformats="HWC")
+    # the labelled grid; the final one (final/samples.png) under its own name: W&B keeps one value per key and step
+    log_image(t.acc, "samples" if tag == "final" else "validation", grid, t.step, t.log)
     return path
 
 
@@ -61,8 +61,29 @@ def export_final(t) -> Path:
         t.ema.restore(t.gen_params)
     if grid is not None:  # inside final/, so the folder can be copied or uploaded as it is
         shutil.copyfile(grid, final / "samples.png")
-    write_model_card(t.cfg, final, t.history, grid is not None, t.model.family.pipeline)
-    from sd_dmd.outputs.report import save_final_curves  # final/curves.png, final/history.json (sd_dmd.report)
-
-    save_final_curves(final, t.history, t.log)
+    hub = t.cfg.hub
+    write_model_card(t.cfg, final, t.history, grid is not None, t.model.family.pipeline,
+                     repo_id=hub.model_id if hub.push else None)
+    _final_report(t, final)
+    if hub.push:  # last, with every file on disk: an upload that fails loses nothing
+        try_push(final, hub.model_id, t.log, private=hub.private, token=hub.token)
     return final
+
+
+def _final_report(t, final: Path) -> None:
+    """final/curves.png and final/history.json (sd_dmd.report), and both the picture and the health report in the
+    tracker."""
+    from PIL import Image
+
+    from sd_dmd.outputs.report import check_health, format_report, save_final_curves, split_history
+
+    curves = save_final_curves(final, t.history, t.log)
+    if t.cfg.logging.tracker == "none":
+        return
+    if curves is not None:
+        with Image.open(curves) as im:
+            log_image(t.acc, "curves", im.copy(), t.step, t.log)
+    entries, _ = split_history(t.history)
+    if entries:
+        log_text(t.acc, "health", format_report(check_health(t.history), final.parent.name, len(entries)), t.step,
+                 t.log)

@@ -170,6 +170,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class HubConfig:
+    push: bool = field(False, "upload final/ (LoRA, kohya file, card, samples, curves) to the Hub at the end")
+    model_id: Optional[str] = field(None, "Hub repository, 'owner/name' (created if missing)")
+    private: bool = field(False, "create the repository private")
+    token: Optional[str] = field(None, "Hub token (else HF_TOKEN or `hf auth login`); never saved or logged",
+                                 secret=True)
+    every_checkpoint: bool = field(False, "also push each checkpoint's generator LoRA, to branch step-N")
+
+    def validate(self) -> None:
+        if (self.push or self.every_checkpoint) and not self.model_id:
+            raise ConfigError("hub.model_id: required with hub.push or hub.every_checkpoint (e.g. you/sd15-dmd)")
+        if self.model_id:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.model_id)
+            except HFValidationError as e:
+                raise ConfigError(f"hub.model_id: {self.model_id!r} is not a Hub repository id ({e})") from None
+
+
+@dataclass
 class Config:
     output_dir: str = field("runs/dmd", "run directory")
     model: ModelConfig = field(default_factory=ModelConfig, help="teacher and dtypes")
@@ -182,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, help="loop")
     logging: LoggingConfig = field(default_factory=LoggingConfig, help="logs and validation images")
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpoints and resume")
+    hub: HubConfig = field(default_factory=HubConfig, help="publishing to the Hugging Face Hub")
 
     def validate(self) -> None:
         d = self.dmd
@@ -233,6 +255,7 @@ class Config:
             raise ConfigError("train.ema_decay: must be in [0, 1)")
         if not self.data.prompts:
             raise ConfigError("data.prompts: at least one prompt file is required")
+        self.hub.validate()
 
     def _validate_gan(self) -> None:
         g = self.gan

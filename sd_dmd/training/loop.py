@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +26,7 @@ from sd_dmd.training.config import Config
 from sd_dmd.training.draws import Draws
 from sd_dmd.training.gan_weight import GANWeight
 from sd_dmd.training.preflight import check_start, clear_output_dir
+from sd_dmd.training.tracking import start_trackers
 
 
 class Trainer:
@@ -200,8 +200,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Traine
         save_config(cfg, out / "config.yaml")
     acc.wait_for_everyone()
     log(trainer.model.describe())
-    if cfg.logging.tracker != "none":
-        acc.init_trackers("sd_dmd", config=_flat(asdict(cfg)))
+    start_trackers(acc, cfg, out)
     if path is not None:
         trainer.load_checkpoint(path)
     elif resuming:
@@ -211,12 +210,3 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Traine
     log(f"done: generator LoRA at {trainer.final} (load with pipe.load_lora_weights('{trainer.final}'))")
     return trainer
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

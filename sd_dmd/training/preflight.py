@@ -214,6 +214,7 @@ def check_start(cfg: Config, resume: bool = False, overwrite: bool = False) -> O
     check_paths(cfg)
     resolve_precision(cfg)
     check_tracker(cfg.logging.tracker)
+    check_optimizer(cfg.optim.optimizer)
     path = ckpt.resolve_resume(out, cfg.checkpointing.resume_from)
     if path is not None:
         check_resume_config(cfg, path)
@@ -226,5 +227,15 @@ def check_tracker(tracker: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(tracker) is None:
-        raise ConfigError(f"logging.tracker: {tracker} is not installed (pip install {tracker}, or "
-                          "--logging.tracker none)")
+        how = "pip install 'sd_dmd[wandb]'" if tracker == "wandb" else f"pip install {tracker}"
+        raise ConfigError(f"logging.tracker: {tracker} is not installed ({how}, or --logging.tracker none)")
+
+
+def check_optimizer(optimizer: str) -> None:
+    """8-bit AdamW needs bitsandbytes, an extra: installed, diffusers and peft import it and (>= 0.49, on
+    AVX512-bf16 CPUs) it asks the Hub for a CPU kernel, so make install leaves it out (docs/TRAINING.md)."""
+    import importlib.util
+
+    if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("optim.optimizer: adamw8bit needs bitsandbytes, the [adamw8bit] extra (pip install -e "
+                          "'.[adamw8bit]' -c constraints.txt), or --optim.optimizer adamw")

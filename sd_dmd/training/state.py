@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_dmd.config import save_config
+from sd_dmd.outputs.hub import checkpoint_branch, try_push
 from sd_dmd.models.lora import load_adapter, save_lora
 from sd_dmd.models.shared_unet import FAKE, GENERATOR
 from sd_dmd.run_dir import STATE_FILE, list_checkpoints
@@ -145,6 +146,11 @@ def save_checkpoint(t) -> Path:
         tmp.replace(final)
         rotate(t.out, t.cfg.checkpointing.keep_last)
         t.log(f"saved {final}")
+        hub = t.cfg.hub
+        if hub.every_checkpoint:  # the LoRA final/ would get (the EMA one when there is one), to branch step-N
+            lora = final / ("generator_ema" if t.ema is not None else "generator")
+            try_push(lora, hub.model_id, t.log, private=hub.private, token=hub.token,
+                     branch=checkpoint_branch(t.step), message=f"sd_dmd: generator LoRA at step {t.step}")
     acc.wait_for_everyone()
     t.saved_step = t.step
     return final
