@@ -2,6 +2,7 @@
 
     python generate_pairs.py --prompts laion6.25.parquet --pretrained_model_name_or_path PATH_OR_ID \
         --output_dir pairs/ [--num_pairs N] [--guidance_scale 3] [--scheduler pndm|ddim] ...
+    python generate_pairs.py --prompts 'shards/{00000..00099}.tar' ...   # img2dataset's tar shards: .txt or .json
     accelerate launch generate_pairs.py ...   # every process takes disjoint shards
     accelerate launch --multi_gpu --num_machines 2 --machine_rank 0|1 --main_process_ip IP \
         --main_process_port PORT --num_processes TOTAL generate_pairs.py ...   # multi-node (docs/DATA.md)

@@ -14,13 +14,15 @@ SD15 = "runwayml/stable-diffusion-v1-5"
 class PairsConfig:
     """Settings of ``generate_pairs.py`` (flat: ``--num_pairs 1000``)."""
 
-    prompts: list[str] = field(default_factory=list, help="prompt files: parquet/txt/jsonl, globs or directories")
+    prompts: list[str] = field(default_factory=list, help="prompt files: parquet/txt/jsonl, WebDataset tar shards "
+                                                          "('shards/{00000..00099}.tar'), globs or directories")
     pretrained_model_name_or_path: str = field("runwayml/stable-diffusion-v1-5", "teacher: diffusers dir or hub id")
     revision: Optional[str] = field(None, "hub revision of the teacher")
     variant: Optional[str] = field(None, "weight variant, e.g. fp16")
     output_dir: str = field("pairs", "the store directory (created, or resumed when it exists)")
     num_pairs: int = field(0, "number of pairs; 0 = one per prompt (prompts are cycled when fewer)")
-    caption_column: Optional[str] = field(None, "caption column; auto-detected among TEXT, caption, text, prompt")
+    caption_column: Optional[str] = field(None, "caption column; auto-detected among TEXT, caption, text, prompt "
+                                                "(tar shards: JSON fields, then txt, the .txt member)")
     guidance_scale: float = field(3.0, "teacher CFG scale, the same as the real score's (paper: 3)")
     num_inference_steps: int = field(50, "teacher sampling steps (paper: 50)")
     scheduler: Literal["pndm", "ddim"] = field("pndm", "teacher sampler (paper: PNDM)")
@@ -54,19 +56,27 @@ class PairsConfig:
 class EncodeConfig:
     """Settings of ``python -m sd_dmd.encode_images`` (flat: ``--images DIR``)."""
 
-    source: Literal["auto", "folder", "parquet", "dataset", "digits"] = field(
-        "auto", "what --images is (auto: a datasets directory, a folder of images, or parquet); digits: the "
-                "1,797 scikit-learn digits with the shipped digits teacher's VAE")
-    images: Optional[str] = field(None, "a folder of images, a parquet file/glob/folder, or a datasets directory "
-                                        "(save_to_disk) or load_dataset name/path")
+    source: Literal["auto", "folder", "parquet", "webdataset", "dataset", "digits"] = field(
+        "auto", "what --images is (auto: a datasets directory, .tar shards, parquet, or a folder of images); "
+                "webdataset: img2dataset's tar shards; digits: the 1,797 scikit-learn digits with the shipped digits "
+                "teacher's VAE")
+    images: Optional[str] = field(None, "a folder of images, a parquet file/glob/folder, WebDataset tar shards "
+                                        "('shards/{00000..00099}.tar', a glob or a folder of .tar), or a datasets "
+                                        "directory (save_to_disk) or load_dataset name/path")
     captions: Optional[str] = field(None, "folder source: CSV/JSONL mapping file name -> caption (default: the "
                                           "folder's metadata.jsonl/metadata.csv, else a .txt beside each image)")
-    image_column: Optional[str] = field(None, "parquet/dataset image column; auto among image, jpg, jpeg, png, "
-                                              "webp, img")
-    caption_column: Optional[str] = field(None, "caption column; auto among TEXT, caption, text, prompt, txt")
+    image_column: Optional[str] = field(None, "parquet/dataset image column, or a tar sample's image extension; "
+                                              "auto among image, jpg, jpeg, png, webp, img")
+    caption_column: Optional[str] = field(None, "caption column; auto among TEXT, caption, text, prompt, txt (tar "
+                                                "shards: txt is the .txt member, the others JSON fields)")
     file_column: Optional[str] = field(None, "file-name column of --captions; auto among file_name, filename, file, "
                                              "path, image")
     split: str = field("train", "dataset split (load_dataset, or a saved DatasetDict)")
+    streaming: bool = field(False, "dataset source: iterate it without materialising it (load_dataset(..., "
+                                   "streaming=True); a saved dataset: to_iterable_dataset()); its item count is "
+                                   "--num_items, else a first pass counts the rows")
+    num_items: Optional[int] = field(None, "with --streaming: encode the stream's first N rows, declared so that no "
+                                           "counting pass is needed (a shorter stream is an error when it ends)")
     pretrained_model_name_or_path: Optional[str] = field(
         None, f"diffusers model whose vae/ encodes (or a VAE directory); default {SD15}, the shipped digits teacher "
               "for --source digits")
@@ -91,8 +101,14 @@ class EncodeConfig:
         if self.source == "digits" and self.images:
             raise ConfigError("images: --source digits reads scikit-learn's digits; drop --images")
         if self.source != "digits" and not self.images:
-            raise ConfigError("images: a folder, parquet file/glob or dataset is required (--images PATH), "
+            raise ConfigError("images: a folder, parquet file/glob, tar shards or dataset is required (--images PATH), "
                               "or --source digits")
+        if self.streaming and self.source not in ("auto", "dataset"):
+            raise ConfigError(f"streaming: iterates a datasets dataset (--source dataset), not --source {self.source}")
+        if self.num_items is not None and not self.streaming:
+            raise ConfigError("num_items: declares a streamed dataset's item count; pass --streaming too")
+        if self.num_items is not None and self.num_items < 1:
+            raise ConfigError(f"num_items: must be >= 1, got {self.num_items}")
         if self.resolution is not None and self.resolution <= 0:
             raise ConfigError(f"resolution: must be positive, got {self.resolution}")
         for k in ("batch_size", "shard_size"):

@@ -1,10 +1,12 @@
-"""Image + caption sources of the real-latents store (sd_dmd/data/latents.py): a folder, parquet files, a Hugging Face
-``datasets`` dataset, or scikit-learn's digits.
+"""Image + caption sources of the real-latents store (sd_dmd/data/latents.py): a folder, parquet files, WebDataset
+tar shards (img2dataset), a Hugging Face ``datasets`` dataset (materialised or streamed), or scikit-learn's digits.
 
-A source is a deterministic list of items (sorted file names; parquet files sorted, rows in file order; dataset rows
-in order). Item ``i`` has a name (:meth:`ImageSource.item_id`: a relative file name, ``file.parquet:row`` or
-``row 17``), a caption (``None`` when missing or empty, after :func:`sd_dmd.prompts.clean_caption`) and image bytes
-read on demand (:meth:`ImageSource.read`), so listing 500k LAION rows holds names and captions only.
+A source is a deterministic list of items (sorted file names; parquet files sorted, rows in file order; tar shards in
+pattern order, samples in tar order; dataset rows in order, streamed or not). Item ``i`` has a name
+(:meth:`ImageSource.item_id`: a relative file name, ``file.parquet:row``, ``shard.tar:KEY`` or ``row 17``), a
+caption (``None`` when missing or empty, after :func:`sd_dmd.prompts.clean_caption`) and image bytes read on demand
+(:meth:`ImageSource.read`), so listing 500k LAION rows holds names and captions only (a streamed dataset reads its
+captions with its rows).
 :func:`decode_image` turns bytes into a [3, R, R] tensor in [-1, 1] (RGB, alpha over white, EXIF orientation,
 centre crop, Lanczos resize as ``sd_dmd.evaluate.lanczos``) or raises :class:`BadImage` with the reason; a bad
 item is the caller's to skip and count, never a crash.
@@ -77,6 +79,7 @@ class ImageSource:
 
     kind = ""
     captions: list[Optional[str]]
+    problems: Sequence[str] = ()  # damage found while listing, one line each naming file and member (logged)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -263,6 +266,98 @@ class ParquetSource(ImageSource):
                 "caption_column": self.caption_column or "auto (" + "/".join(CAPTION_COLUMNS) + ")"}
 
 
+class TarSource(ImageSource):
+    """WebDataset tar shards (img2dataset: ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``; ``sd_dmd/data/tars.py``):
+    samples in shard order (a brace pattern in its order; a glob or folder sorted), then in tar order; item ``i`` is
+    named ``shard.tar:KEY``. Its image is the sample's first member among :data:`IMAGE_COLUMNS` (or
+    ``image_column``, an extension), its caption the first of :data:`CAPTION_COLUMNS` it has (``txt``: the ``.txt``
+    member; the others: fields of its ``.json``), or ``caption_column``. Listing reads the tar headers and the text
+    members; an image is read by its byte range when its store shard is made. Damage found while listing is skipped
+    and named in :attr:`problems`; a member cut short is read as a 'truncated' bad image."""
+
+    kind = "webdataset"
+
+    def __init__(self, sources: Sequence[str], image_column: Optional[str] = None,
+                 caption_column: Optional[str] = None, progress: bool = True):
+        from array import array
+
+        from tqdm.auto import tqdm
+
+        from sd_dmd.data.tars import caption_of, expand_tars, index_tar, sample_fields
+
+        self.files = expand_tars(sources, SourceError)
+        self.root = Path(os.path.commonpath([str(p.resolve().parent) for p in self.files]))
+        self.names = [p.resolve().relative_to(self.root).as_posix() for p in self.files]
+        self.image_column, self.caption_column = image_column, caption_column
+        self.captions, self.keys, self.problems, exts, fields_seen = [], [], [], set(), set()
+        self._file, self._offset, self._size = array("i"), array("q"), array("q")
+        for f, path in enumerate(tqdm(self.files, unit="shard", desc="listing tar shards", dynamic_ncols=True,
+                                      disable=not progress or len(self.files) < 2)):
+            samples, problems = index_tar(path)
+            self.problems += problems
+            for sample in samples:
+                fields, bad = sample_fields(sample, path)
+                self.problems += bad
+                exts.update(sample.members)
+                fields_seen.update(fields)
+                ext = image_column if image_column else next((c for c in IMAGE_COLUMNS if c in sample.members), None)
+                offset, size = sample.members.get(ext, (-1, 0))
+                self._file.append(f)
+                self._offset.append(offset)
+                self._size.append(size)
+                self.keys.append(sample.key)
+                self.captions.append(_clean(caption_of(fields, caption_column, CAPTION_COLUMNS)))
+        self._check_found(sources, exts, fields_seen)
+
+    def _check_found(self, sources, exts: set, fields: set) -> None:
+        where = "::".join(map(str, sources))
+        if not self.keys:
+            raise SourceError(f"{where}: no samples in {len(self.files)} tar shard(s)"
+                              + (f" ({self.problems[0]})" if self.problems else ""))
+        if self.image_column is not None and self.image_column not in exts:
+            raise SourceError(f"{where}: no sample has a '.{self.image_column}' member (extensions: {sorted(exts)})")
+        if self.image_column is None and not exts & set(IMAGE_COLUMNS):
+            raise SourceError(f"{where}: no image member among {list(IMAGE_COLUMNS)} (extensions: {sorted(exts)}); "
+                              "pass --image_column")
+        if self.caption_column is not None and self.caption_column not in fields:
+            raise SourceError(f"{where}: no sample has the caption field '{self.caption_column}' (txt: the .txt "
+                              f"member; JSON fields: {sorted(fields - {'txt'})})")
+
+    def item_id(self, i: int) -> str:
+        return f"{self.names[self._file[i]]}:{self.keys[i]}"
+
+    def _member(self, i: int, handles: dict):
+        """Item i's image bytes, read by its byte range (``handles``: the shards opened by this read), or BadImage."""
+        offset, size = self._offset[i], self._size[i]
+        if offset < 0:
+            return BadImage("missing image", f"no {self.image_column or '/'.join(IMAGE_COLUMNS)} member")
+        if size > MAX_FILE_BYTES:
+            return BadImage("too large", f"{size:,} bytes encoded (limit {MAX_FILE_BYTES:,})")
+        try:
+            f = handles.get(self._file[i])
+            if f is None:
+                f = handles[self._file[i]] = open(self.files[self._file[i]], "rb")
+            f.seek(offset)
+            data = f.read(size)
+        except OSError as e:
+            return BadImage("unreadable", f"{type(e).__name__}: {e.strerror or e}")
+        return data if len(data) == size else BadImage("truncated", f"{len(data)} of {size} bytes (the tar ends early)")
+
+    def read(self, indices):
+        handles: dict = {}
+        try:
+            return [self._member(i, handles) for i in indices]
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def describe(self):
+        return {"path": str(self.root), "files": self.names,
+                "image_column": self.image_column or "auto (" + "/".join(IMAGE_COLUMNS) + ")",
+                "caption_column": self.caption_column or "auto (" + "/".join(CAPTION_COLUMNS) + ")",
+                "problems": list(self.problems[:100]), "problem_count": len(self.problems)}
+
+
 def _image_value(value, base: Optional[Path] = None):
     """bytes | {'bytes', 'path'} | a path string (relative to ``base``) -> bytes or BadImage."""
     if isinstance(value, dict):
@@ -283,6 +378,43 @@ def _image_value(value, base: Optional[Path] = None):
     return BadImage("unreadable", f"unsupported image value {type(value).__name__}")
 
 
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def load_dataset_split(name_or_path: str, split: str, streaming: bool = False):
+    """A ``datasets`` dataset: a ``save_to_disk`` directory (``load_from_disk``; streamed: ``to_iterable_dataset``)
+    or a ``load_dataset`` name/path (``streaming=streaming``), the split ``split``; a SourceError names what fails."""
+    import datasets
+
+    try:
+        if _is_saved_dataset(Path(name_or_path)):
+            ds = datasets.load_from_disk(name_or_path)
+        else:
+            ds = datasets.load_dataset(name_or_path, split=split, streaming=streaming)
+        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            if split not in ds:
+                raise SourceError(f"{name_or_path}: no split '{split}' (splits: {list(ds)}); pass --split")
+            ds = ds[split]
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{name_or_path}: cannot load the dataset ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return ds.to_iterable_dataset() if streaming and isinstance(ds, datasets.Dataset) else ds
+
+
+def _dataset_columns(name: str, ds, columns, image_column: Optional[str], caption_column: Optional[str]):
+    """(image column, caption column, ``ds`` with its image column read undecoded)."""
+    import datasets
+
+    image_column = _pick(name, columns, image_column, IMAGE_COLUMNS, "image")
+    caption_column = _pick(name, columns, caption_column, CAPTION_COLUMNS, "caption")
+    if ds.features is not None and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return image_column, caption_column, ds
+
+
 class DatasetSource(ImageSource):
     """A ``datasets`` dataset: a ``save_to_disk`` directory (``load_from_disk``) or a ``load_dataset`` name/path
     (``split``). Image columns are read undecoded (``datasets.Image(decode=False)``) and decoded here, so a bad image
@@ -292,27 +424,9 @@ class DatasetSource(ImageSource):
 
     def __init__(self, name_or_path: str, split: str = "train", image_column: Optional[str] = None,
                  caption_column: Optional[str] = None):
-        import datasets
-
-        p = Path(name_or_path)
-        try:
-            if p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
-                ds = datasets.load_from_disk(str(p))
-            else:
-                ds = datasets.load_dataset(name_or_path, split=split)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise SourceError(f"{name_or_path}: no split '{split}' (splits: {list(ds)}); pass --split")
-                ds = ds[split]
-        except SourceError:
-            raise
-        except Exception as e:
-            raise SourceError(f"{name_or_path}: cannot load the dataset ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-        self.image_column = _pick(name_or_path, ds.column_names, image_column, IMAGE_COLUMNS, "image")
-        self.caption_column = _pick(name_or_path, ds.column_names, caption_column, CAPTION_COLUMNS, "caption")
-        if isinstance(ds.features[self.image_column], datasets.Image):
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        ds = load_dataset_split(name_or_path, split)
+        self.image_column, self.caption_column, ds = _dataset_columns(name_or_path, ds, ds.column_names,
+                                                                      image_column, caption_column)
         self.name, self.split, self.ds = name_or_path, split, ds
         self.captions = [_clean(c) for c in ds[self.caption_column]]
         self.dataset_fingerprint = getattr(ds, "_fingerprint", None)
@@ -335,6 +449,128 @@ class DatasetSource(ImageSource):
     def describe(self):
         return {"path": self.name, "split": self.split, "image_column": self.image_column,
                 "caption_column": self.caption_column, "dataset_fingerprint": self.dataset_fingerprint}
+
+
+class _StreamCursor:
+    """Rows of an iterable dataset by index, read forward. A requested row's caption and image are held (the image
+    until :meth:`image` takes it; both at most :data:`HOLD` rows behind the cursor); rows passed over unrequested are
+    not. A row behind the cursor and no longer held restarts the stream at it (``IterableDataset.skip``)."""
+
+    HOLD = 1024
+
+    def __init__(self, ds, num_items: int, image_column: str, caption_column: str, name: str):
+        self.ds, self.num_items, self.name = ds, num_items, name
+        self.image_column, self.caption_column = image_column, caption_column
+        self._it, self._next = None, 0
+        self._captions: dict[int, Optional[str]] = {}
+        self._images: dict[int, object] = {}
+
+    def _reach(self, i: int) -> None:
+        if not 0 <= i < self.num_items:
+            raise IndexError(f"{self.name}: row {i} out of range ({self.num_items} items)")
+        if self._it is None or i < self._next:
+            self._it, self._next = iter(self.ds.skip(i) if i else self.ds), i
+            self._captions.clear()
+            self._images.clear()
+        while self._next <= i:
+            try:
+                row = next(self._it)
+            except StopIteration:
+                raise SourceError(f"{self.name}: the stream ended after {self._next} rows; --num_items declares "
+                                  f"{self.num_items}") from None
+            except Exception as e:  # the stream itself failed: no row can be trusted to be row i after it
+                self._it = None
+                raise SourceError(f"{self.name}: reading row {self._next} of the stream failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            if self._next == i:
+                self._captions[i] = _clean(row.get(self.caption_column))
+                self._images[i] = row.get(self.image_column)
+            self._next += 1
+        for held in (self._captions, self._images):
+            while held and next(iter(held)) < self._next - self.HOLD:
+                del held[next(iter(held))]
+
+    def caption(self, i: int) -> Optional[str]:
+        if i not in self._captions:
+            self._reach(i)
+        return self._captions[i]
+
+    def image(self, i: int):
+        if i not in self._images:
+            self._reach(i)
+        return self._images.pop(i)
+
+
+class _StreamCaptions:
+    """``captions`` of a streamed source: read through its cursor when asked."""
+
+    def __init__(self, cursor: _StreamCursor):
+        self.cursor = cursor
+
+    def __len__(self) -> int:
+        return self.cursor.num_items
+
+    def __getitem__(self, i: int) -> Optional[str]:
+        return self.cursor.caption(i)
+
+
+class StreamedDatasetSource(ImageSource):
+    """A ``datasets`` dataset iterated, never materialised (``--streaming``): ``load_dataset(..., streaming=True)``,
+    or a ``save_to_disk`` directory through ``to_iterable_dataset()``. Item ``i`` is the stream's row ``i``, named
+    ``row i`` as :class:`DatasetSource` names it (same kind, same fingerprint: either source resumes the other's
+    store). The item count is declared (``num_items``: the first N rows; a shorter stream is an error when it ends;
+    captions are then not hashed up front, so the resume check compares the count only) or counted by a first pass
+    over the caption column, which also hashes the captions. Rows are read forward (:class:`_StreamCursor`): a process
+    reads the stream from its first shard to its last and keeps the rows of its own shards."""
+
+    kind = "dataset"
+
+    def __init__(self, name_or_path: str, split: str = "train", image_column: Optional[str] = None,
+                 caption_column: Optional[str] = None, num_items: Optional[int] = None, progress: bool = True):
+        ds = load_dataset_split(name_or_path, split, streaming=True)
+        columns = ds.column_names
+        if columns is None:  # features unknown until a row is read (e.g. JSON files)
+            columns = list(next(iter(ds), None) or {})
+        self.image_column, self.caption_column, ds = _dataset_columns(name_or_path, ds, columns, image_column,
+                                                                      caption_column)
+        self.name, self.split, self.ds, self.declared = name_or_path, split, ds, num_items is not None
+        self.captions_sha256 = None
+        if num_items is None:
+            num_items, self.captions_sha256 = self._count(progress)
+        self._cursor = _StreamCursor(ds, num_items, self.image_column, self.caption_column, name_or_path)
+        self.captions = _StreamCaptions(self._cursor)
+
+    def _count(self, progress: bool) -> tuple[int, str]:
+        """(rows, sha256 of their captions as :meth:`ImageSource.fingerprint` hashes them): one pass over the
+        caption column."""
+        from tqdm.auto import tqdm
+
+        h, n = hashlib.sha256(), 0
+        for row in tqdm(self.ds.select_columns([self.caption_column]), unit="row", disable=not progress,
+                        desc=f"counting the rows of {self.name}", dynamic_ncols=True):
+            h.update(json.dumps(_clean(row[self.caption_column])).encode() + b"\n")
+            n += 1
+        if not n:
+            raise SourceError(f"{self.name}: the stream holds no rows (split '{self.split}')")
+        return n, h.hexdigest()
+
+    def item_id(self, i: int) -> str:
+        return f"row {i}"
+
+    def read(self, indices):
+        return [_image_value(self._cursor.image(int(i))) for i in indices]
+
+    def fingerprint(self) -> dict:
+        items = hashlib.sha256()
+        for i in range(len(self)):
+            items.update(self.item_id(i).encode() + b"\n")
+        return {"kind": self.kind, "item_count": len(self), "items_sha256": items.hexdigest(),
+                "captions_sha256": self.captions_sha256}
+
+    def describe(self):
+        return {"path": self.name, "split": self.split, "image_column": self.image_column,
+                "caption_column": self.caption_column, "streaming": True,
+                "item_count_from": "--num_items" if self.declared else "a counting pass"}
 
 
 class DigitsSource(ImageSource):
@@ -430,28 +666,51 @@ def decode_image(data, resolution: int, max_pixels: int = MAX_PIXELS) -> torch.T
     return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
 
 
+def _auto_kind(images: str) -> str:
+    p = Path(images)
+    if _is_saved_dataset(p):
+        return "dataset"
+    from sd_dmd.data.tars import is_tar_pattern
+
+    # before parquet: img2dataset's webdataset output holds a metadata .parquet (no images) beside each .tar
+    if is_tar_pattern(images) or (p.is_dir() and next(p.rglob("*.tar"), None) is not None):
+        return "webdataset"
+    if images.endswith(".parquet") or (p.is_dir() and any(p.rglob("*.parquet"))):
+        return "parquet"
+    if p.is_dir():
+        return "folder"
+    raise SourceError(f"{images}: not a folder, a .parquet file/glob, .tar shards or a dataset directory; pass "
+                      "--source")
+
+
 def open_source(kind: str, images: Optional[str], captions: Optional[str] = None, image_column: Optional[str] = None,
-                caption_column: Optional[str] = None, file_column: Optional[str] = None,
-                split: str = "train") -> ImageSource:
-    """The source named by the CLI settings; ``kind='auto'``: a datasets directory, a folder of images, or parquet."""
+                caption_column: Optional[str] = None, file_column: Optional[str] = None, split: str = "train",
+                streaming: bool = False, num_items: Optional[int] = None, progress: bool = True) -> ImageSource:
+    """The source named by the CLI settings; ``kind='auto'``: a datasets directory, tar shards, parquet or a folder
+    of images (``streaming``: a dataset, iterated). ``progress``: bars on the listing or counting pass."""
     if kind == "digits":
         return DigitsSource()
     if not images:
-        raise SourceError("images: a folder, parquet file/glob or dataset is required (--images PATH)")
+        raise SourceError("images: a folder, parquet file/glob, tar shards or dataset is required (--images PATH)")
     if kind == "auto":
-        p = Path(images)
-        if p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
-            kind = "dataset"
-        elif images.endswith(".parquet") or (p.is_dir() and any(p.rglob("*.parquet"))):
-            kind = "parquet"
-        elif p.is_dir():
-            kind = "folder"
-        else:
-            raise SourceError(f"{images}: not a folder, a .parquet file/glob or a dataset directory; pass --source")
+        try:
+            kind = _auto_kind(images)
+        except SourceError:
+            if not streaming:
+                raise
+            kind = "dataset"  # a load_dataset name
+    if streaming and kind != "dataset":
+        raise SourceError(f"streaming: iterates a datasets dataset, not a {kind} source ({kind} sources are read "
+                          f"lazily already): drop --streaming, or pass --source dataset to stream {images} with "
+                          "load_dataset")
     if kind == "folder":
         return FolderSource(images, captions, file_column, caption_column)
     if kind == "parquet":
         return ParquetSource([images], image_column, caption_column)
+    if kind == "webdataset":
+        return TarSource(images.split("::"), image_column, caption_column, progress)
+    if kind == "dataset" and streaming:
+        return StreamedDatasetSource(images, split, image_column, caption_column, num_items, progress)
     if kind == "dataset":
         return DatasetSource(images, split, image_column, caption_column)
     raise SourceError(f"source: unknown kind '{kind}'")

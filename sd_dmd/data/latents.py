@@ -7,9 +7,10 @@ Layout of ``output_dir``:
   skipped.jsonl                  every skipped item: {"index", "source", "reason"} (written when the store completes)
 
 Rows are defined over the *source items*: the source lists its items in a deterministic order (sorted file names;
-parquet files sorted, rows in file order; dataset rows in order; see sd_dmd/data/images.py) and item ``i`` goes to
-shard ``i // shard_size``. A bad item (unreadable, truncated or zero-size image, missing caption, non-finite latent)
-has no row, so a shard may hold fewer rows than items and ``index`` is not contiguous. Each shard records what it
+parquet files sorted, rows in file order; tar shards in pattern order, samples in tar order; dataset rows in order,
+streamed or not; see sd_dmd/data/images.py) and item ``i`` goes to shard ``i // shard_size``. A bad item
+(unreadable, truncated or zero-size image, missing caption, non-finite latent) has no row, so a shard may hold fewer
+rows than items and ``index`` is not contiguous. Each shard records what it
 covers in its parquet footer (key-value metadata :data:`SHARD_INFO`: first item, item count, row count, the skipped
 items with their reasons), written in the same atomic rename as its rows: a shard is complete when that record says
 it covers its whole item range, so a resume neither redoes a shard whose items were all skipped nor trusts a torn
@@ -21,8 +22,9 @@ SD1.x), ``g_i`` a CPU generator seeded by ``pair_seed(base_seed, i)``: re-deriva
 count or resume point. ``x``: RGB, centre-cropped and Lanczos-resized to ``resolution``, in [-1, 1].
 
 The manifest's identity (VAE config hash + weight probe, resolution, latent shape, seed, shard size, precision) and
-the source's fingerprint (kind, item count, hashes of the item names and captions) must match to resume; a
-difference is refused naming it. Images edited in place under the same names are not detected.
+the source's fingerprint (kind, item count, hashes of the item names and captions; a stream of declared length has
+no captions hash, and its count alone is compared) must match to resume; a difference is refused naming it. Images
+edited in place under the same names are not detected.
 Readable without this package: ``datasets.load_dataset("parquet", data_files="DIR/shards/*.parquet")``.
 """
 from __future__ import annotations
@@ -95,6 +97,8 @@ def check_same_store(existing: dict, wanted: dict, where: Path) -> None:
     diffs = [f"{k} {existing.get(k)!r} -> {wanted.get(k)!r}" for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
     old, new = existing.get("source", {}), wanted["source"]
     for k, name in SOURCE_KEYS.items():
+        if k == "captions_sha256" and None in (old.get(k), new.get(k)):
+            continue  # a stream of declared length: its captions are not read up front
         if old.get(k) != new.get(k):
             diffs.append(f"{name} {old.get(k)!r} -> {new.get(k)!r}" if k in ("kind", "item_count")
                          else f"{name} changed")
@@ -200,6 +204,16 @@ class EncodeStats:
     seconds: float = 0.0
 
 
+def log_problems(problems, log) -> None:
+    """Damage a source found while listing (a corrupt tar member...): one warning line each, naming file and member;
+    after NAMED_IN_SUMMARY x 2 a count (all are in the manifest's source.problems, up to 100)."""
+    limit = 2 * NAMED_IN_SUMMARY
+    for line in problems[:limit]:
+        log(f"warning: {line}")
+    if len(problems) > limit:
+        log(f"warning: and {len(problems) - limit} more (the first 100 are in manifest.json, source.problems)")
+
+
 def skipped_summary(skipped: list, num_items: int) -> str:
     """'skipped 3 of 20 items (missing caption: 1, unreadable: 2): a.jpg (missing caption); ...' (first few named)."""
     if not skipped:
@@ -283,7 +297,9 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     out = Path(cfg.output_dir)
     # validate every input before anything is written
     source = open_source(cfg.source, cfg.images, cfg.captions, cfg.image_column, cfg.caption_column, cfg.file_column,
-                         cfg.split)
+                         cfg.split, cfg.streaming, cfg.num_items, progress=state.is_main_process)
+    if state.is_main_process:
+        log_problems(source.problems, log)
     model = resolve_model(cfg)
     vae = _encoder_vae(cfg, model, log).to(state.device).eval()
     resolution, f = cfg.resolution or int(vae.config.sample_size), vae_factor(vae)
@@ -308,14 +324,14 @@ def encode_images(cfg: EncodeConfig, log=print) -> EncodeStats:
     t0 = time.time()
     bar = tqdm(total=sum(len(shard_items(k, shard_size, num_items)) for k in todo), unit="img", dynamic_ncols=True,
                disable=not state.is_main_process, desc=f"encoding (rank {state.process_index})")
-    with (ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers else nullcontext()) as pool:
+    # the bar is closed on a failure too, so that its error line starts a line of its own
+    with bar, (ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers else nullcontext()) as pool:
         for k in todo:
             rows, info = make_shard(vae, source, shard_items(k, shard_size, num_items), cfg, resolution, pool, bar)
             write_shard(shard_path(out, k), rows, info)
             stats.items += info["items"]
             stats.encoded += info["rows"]
             stats.skipped += len(info["skipped"])
-    bar.close()
     stats.seconds = time.time() - t0
     total = gather_stats(stats)
     state.wait_for_everyone()

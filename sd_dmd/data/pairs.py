@@ -302,7 +302,10 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     # validate every input before anything is written
     prompt_files = [str(p) for p in expand_sources(cfg.prompts)]
     prompts, pstats = read_prompts(prompt_files, cfg.caption_column,
-                                   PromptFilter(cfg.min_aesthetic, cfg.max_punsafe, cfg.max_pwatermark, cfg.dedupe))
+                                   PromptFilter(cfg.min_aesthetic, cfg.max_punsafe, cfg.max_pwatermark, cfg.dedupe),
+                                   progress=state.is_main_process)
+    if state.is_main_process and pstats.notes:
+        log(pstats.warnings())
     dtype = {"no": torch.float32, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}[cfg.mixed_precision]
     pipe = teacher_pipeline(cfg.pretrained_model_name_or_path, cfg.scheduler, dtype, state.device,
                             cfg.revision, cfg.variant)

@@ -1,10 +1,15 @@
-"""Caption reading for pair generation and training: parquet (LAION-Aesthetics), .txt and .jsonl.
+"""Caption reading for pair generation and training: parquet (LAION-Aesthetics), .txt, .jsonl and WebDataset tar shards
+(img2dataset: a sample's ``.txt``, or a field of its ``.json``; ``sd_dmd/data/tars.py``).
 
 Missing/empty/NaN/non-string captions are skipped and counted; a missing column, an unreadable file or
 no usable caption at all is a :class:`PromptError` naming the file. As LAION's tooling does, HTML entities
 are unescaped (``html.unescape``) and captions that are empty once zero-width characters are removed are
 skipped. A filter (``min_aesthetic``...) whose column a file lacks is an error naming the columns present;
 filter columns are matched case-insensitively over the spellings LAION releases use (:data:`FILTER_COLUMNS`).
+A tar shard's columns are ``txt`` and its samples' JSON fields (img2dataset keeps the columns it was asked to in the
+JSON); a damaged member is skipped and named in :attr:`PromptStats.notes`. Sources may be brace patterns
+(``shards/{00000..00099}.tar``); a directory holding ``.tar`` shards is read as those shards only (img2dataset writes a
+metadata ``.parquet`` of the same samples beside each).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Optional, Sequence
 from sd_dmd.errors import PromptError
 
 CAPTION_COLUMNS = ("TEXT", "caption", "text", "prompt")
-SUFFIXES = (".parquet", ".txt", ".jsonl")
+SUFFIXES = (".parquet", ".txt", ".jsonl", ".tar")
 # filter -> accepted column spellings, lower case, preferred first (LAION-Aesthetics: AESTHETIC_SCORE,
 # laion2B-en-aesthetic: aesthetic; LAION-5B metadata: punsafe/pwatermark, some re-releases pUnsafe/pWatermark)
 FILTER_COLUMNS = {"min_aesthetic": ("aesthetic_score", "aesthetic"), "max_punsafe": ("punsafe",),
@@ -43,38 +48,64 @@ class PromptStats:
     read: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    notes: list = field(default_factory=list)  # damaged tar members, one line each naming shard and member
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.kept} prompts kept of {self.read} read; skipped: {why}"
+        damaged = f"; {len(self.notes)} damaged tar member(s) skipped (first: {self.notes[0]})" if self.notes else ""
+        return f"{self.kept} prompts kept of {self.read} read; skipped: {why}{damaged}"
+
+    def warnings(self, limit: int = 20) -> str:
+        """'warning: ...' lines naming the first ``limit`` damaged tar members, then how many more."""
+        more = [f"warning: and {len(self.notes) - limit} more damaged tar members"] if len(self.notes) > limit else []
+        return "\n".join([f"warning: {n}" for n in self.notes[:limit]] + more)
 
 
 def expand_sources(sources: Sequence[str] | str) -> list[Path]:
-    """Files, globs and directories -> a sorted, de-duplicated list of prompt files."""
+    """Files, globs, brace patterns and directories -> a sorted (a brace pattern: in its order), de-duplicated list
+    of prompt files."""
     if isinstance(sources, (str, Path)):
         sources = [str(sources)]
     files: list[Path] = []
-    for s in sources:
+    for s in _expand_braces(sources):
         p = Path(s)
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix in SUFFIXES and q.is_file())
+            if any(q.suffix == ".tar" for q in found):  # img2dataset: a metadata .parquet beside each .tar
+                found = [q for q in found if q.suffix == ".tar"]
             if not found:
-                raise PromptError(f"{s}: directory holds no .parquet/.txt/.jsonl files")
+                raise PromptError(f"{s}: directory holds no .parquet/.txt/.jsonl/.tar files")
             files += found
         elif any(ch in s for ch in "*?["):
             found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).suffix in SUFFIXES)
             if not found:
-                raise PromptError(f"{s}: glob matches no .parquet/.txt/.jsonl files")
+                raise PromptError(f"{s}: glob matches no .parquet/.txt/.jsonl/.tar files")
             files += found
         elif not p.exists():
             raise PromptError(f"{s}: no such file")
         elif p.suffix not in SUFFIXES:
-            raise PromptError(f"{s}: unsupported prompt file type '{p.suffix}' (use .parquet, .txt or .jsonl)")
+            raise PromptError(f"{s}: unsupported prompt file type '{p.suffix}' (use .parquet, .txt, .jsonl or .tar)")
         else:
             files.append(p)
     if not files:
         raise PromptError("no prompt files given")
     return list(dict.fromkeys(files))
+
+
+def _expand_braces(sources: Sequence[str]) -> list[str]:
+    """A brace pattern (``shards/{00000..00099}.tar``) that is not itself a file -> its names, each of which must
+    exist (webdataset's expansion, as ``tars.expand_tars``)."""
+    from sd_dmd.data.tars import expand_braces, expand_tars, is_tar_pattern
+
+    out = []
+    for s in map(str, sources):
+        if "{" not in s or "}" not in s or Path(s).exists():
+            out.append(s)
+        elif is_tar_pattern(s):
+            out += [str(p) for p in expand_tars(s, PromptError)]
+        else:
+            out += expand_braces(s)
+    return out
 
 
 def _pick_column(path: Path, columns: Sequence[str], caption_column: Optional[str]) -> str:
@@ -108,8 +139,32 @@ def _filter_columns(path: Path, columns: Sequence[str], filters: PromptFilter) -
     return out
 
 
-def _read_table(path: Path, caption_column: Optional[str], filters: PromptFilter) -> tuple[list, dict]:
-    """Return (captions, {filter name: values of its column}) for one file."""
+def _read_tar(path: Path, caption_column: Optional[str], filters: PromptFilter, notes: list) -> tuple[list, dict]:
+    """(captions, {filter name: values}) of a tar shard's samples: the caption is ``caption_column`` (``txt``: the
+    .txt member; else a JSON field) or the first of ``(*CAPTION_COLUMNS, "txt")`` a sample has; damage -> ``notes``."""
+    from sd_dmd.data.tars import caption_of, index_tar, sample_fields
+
+    samples, problems = index_tar(path)
+    notes += problems
+    rows = []
+    for sample in samples:
+        fields, bad = sample_fields(sample, path)
+        notes += bad
+        rows.append(fields)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    if caption_column is not None and rows and caption_column not in columns:
+        raise PromptError(f"{path}: caption column '{caption_column}' not found (columns: txt (the .txt member) and "
+                          f"the JSON fields {[c for c in columns if c != 'txt']})")
+    wanted = _filter_columns(path, columns, filters)
+    return ([caption_of(r, caption_column, (*CAPTION_COLUMNS, "txt")) for r in rows],
+            {name: [r.get(c) for r in rows] for name, c in wanted.items()})
+
+
+def _read_table(path: Path, caption_column: Optional[str], filters: PromptFilter,
+                notes: Optional[list] = None) -> tuple[list, dict]:
+    """Return (captions, {filter name: values of its column}) for one file; a tar shard's damage goes to ``notes``."""
+    if path.suffix == ".tar":
+        return _read_tar(path, caption_column, filters, notes if notes is not None else [])
     if path.suffix == ".txt":
         _filter_columns(path, [], filters)
         try:
@@ -163,13 +218,18 @@ def clean_caption(c: str) -> str:
 
 
 def read_prompts(sources: Sequence[str] | str, caption_column: Optional[str] = None,
-                 filters: PromptFilter = PromptFilter()) -> tuple[list[str], PromptStats]:
-    """Read every caption from ``sources`` in order, applying filters; raise if none is usable."""
+                 filters: PromptFilter = PromptFilter(), progress: bool = False) -> tuple[list[str], PromptStats]:
+    """Read every caption from ``sources`` in order, applying filters; raise if none is usable. ``progress``: a bar
+    over the files when there are several."""
+    from tqdm.auto import tqdm
+
     stats = PromptStats()
     out: list[str] = []
     seen: set[str] = set()
-    for path in expand_sources(sources):
-        captions, extra = _read_table(path, caption_column, filters)
+    files = expand_sources(sources)
+    for path in tqdm(files, unit="file", desc="reading prompts", disable=not progress or len(files) < 2,
+                     dynamic_ncols=True):
+        captions, extra = _read_table(path, caption_column, filters, stats.notes)
         for i, c in enumerate(captions):
             stats.read += 1
             if c is None or (isinstance(c, float) and math.isnan(c)):
