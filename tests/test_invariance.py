@@ -43,8 +43,9 @@ N, B = 4, 4
 SPLITS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes x micro-batches
 
 FEATURES = {
-    # regression, DMD2's GAN with fixed weights on the fake score's features, from step 0
-    "gan_fixed": ["--gan.start_step", "0"],
+    # regression, DMD2's GAN with fixed weights on the fake score's features, from step 0; f-distill's JS weights
+    # (their ratio statistics across steps) and an Anti-CFG fake score in the DM loss (issue 36)
+    "gan_fixed": ["--gan.start_step", "0", "--dmd.divergence", "js", "--dmd.fake_guidance", "-0.5"],
     # regression, the adaptive GAN weight on the teacher's features with R1, switched on at step 3; four-step
     # backward simulation; EMA; TTUR 2; the step-down at step 3; gradient checkpointing in its 1 x 2 split
     "gan_adaptive_all": ["--gan.weight_mode", "adaptive", "--gan.target_ratio", "0.5", "--gan.start_step", "3",

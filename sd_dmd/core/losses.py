@@ -19,12 +19,14 @@ def _per_sample_mean(v: torch.Tensor) -> torch.Tensor:
 
 
 def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch.Tensor, noise: torch.Tensor,
-             schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None):
+             schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None,
+             sample_weight: Optional[torch.Tensor] = None):
     """Distribution-matching loss for the generator turn.
 
     grad = ((x - mu_real) - (x - mu_fake)) / mean_{C,H,W}|x - mu_real|  (Eq. 7 with Eq. 8's w_t)
     loss = 0.5 * mse(x, stopgrad(x - grad)), whose gradient w.r.t. x is grad / numel.
     ``fake=None`` drops the fake term (real score only; the paper's Figure 3a, mode-seeking).
+    ``sample_weight`` (B,), detached, multiplies each sample's grad: f-distill's h(r) (:func:`f_divergence_weights`).
     """
     x_t = schedule.add_noise(x.detach(), noise, t)
     with torch.no_grad():
@@ -34,6 +36,8 @@ def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch
         p_real = xf - mu_real
         p_fake = xf - mu_fake
         weight = 1.0 / _per_sample_mean(p_real.abs())  # Eq. 8, per sample
+        if sample_weight is not None:
+            weight = weight * sample_weight.detach().float()
         grad = torch.nan_to_num((p_real - p_fake) * append_dims(weight, x.ndim))
         target = xf - grad
     loss = 0.5 * F.mse_loss(x.float(), target)
@@ -44,6 +48,45 @@ def dmd_loss(x: torch.Tensor, real: Denoiser, fake: Optional[Denoiser], t: torch
         "dm_real_fake_gap": (mu_real - mu_fake).abs().mean().item(),
     }
     return loss, stats
+
+
+# f-distill (Xu et al. 2025, arXiv 2502.15681): the gradient of D_f(p_real || p_fake) is DMD's, each sample weighted
+# by h(r) = f''(r) r^2 with r = p_real / p_fake at the noised sample (names and h as in NVlabs/FastGen's f_distill).
+F_DIVERGENCE_WEIGHTS = {
+    "reverse_kl": lambda r: torch.ones_like(r),  # f = -log r: DMD
+    "forward_kl": lambda r: r,  # f = r log r: mass-covering
+    "js": lambda r: r / (1 + r),  # Jensen-Shannon
+    "softened_rkl": lambda r: 1 / (1 + r),
+    "squared_hellinger": lambda r: r.sqrt(),
+    "jeffreys": lambda r: 1 + r,
+}
+
+
+def timestep_bins(t: torch.Tensor, n_bins: int, t_range: tuple[int, int]) -> torch.Tensor:
+    """The bin (0 .. n_bins-1) of each timestep, ``n_bins`` equal bins over [t_range[0], t_range[1]]."""
+    lo, hi = t_range
+    width = max(hi - lo, 1) / n_bins
+    return ((t.double() - lo) / width).floor().long().clamp(0, n_bins - 1)
+
+
+def f_divergence_weights(logits: torch.Tensor, t: torch.Tensor, divergence: str, clip: tuple[float, float],
+                         bin_ratio: torch.Tensor, mean_h: float, t_range: tuple[int, int]):
+    """f-distill's per-sample weights h, and the sums that update the normalisation.
+
+    r = exp(logit) (a head trained with the non-saturating loss estimates log p_real / p_fake), clipped to ``clip``;
+    r is divided by ``bin_ratio``'s mean ratio of its timestep bin, h = h_f(r), and h divided by ``mean_h``, so that
+    the weighting reshapes the gradient and does not rescale it. Returns (h, sums): sums = (count per bin, sum of the
+    clipped r per bin, sum of h before the division by ``mean_h``, the number of samples), to be summed over the
+    global batch before the normalisation's next update."""
+    if divergence not in F_DIVERGENCE_WEIGHTS:
+        raise ValueError(f"unknown divergence '{divergence}' (choose from {sorted(F_DIVERGENCE_WEIGHTS)})")
+    r = torch.exp(logits.detach().float().reshape(-1).clamp(-20.0, 20.0)).clamp(*clip)
+    idx = timestep_bins(t.to(r.device), len(bin_ratio), t_range)
+    h_raw = F_DIVERGENCE_WEIGHTS[divergence](r / bin_ratio.to(r)[idx])
+    n_bins = len(bin_ratio)
+    sums = (torch.bincount(idx, minlength=n_bins).double(), torch.bincount(idx, weights=r.double(), minlength=n_bins),
+            h_raw.double().sum(), float(len(r)))
+    return h_raw / mean_h, sums
 
 
 FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1", "v")

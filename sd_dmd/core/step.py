@@ -81,7 +81,7 @@ def backward_simulate(model, z: torch.Tensor, cond: torch.Tensor, timesteps: lis
 def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regression: Optional[Callable] = None,
                    regression_weight: float = 0.0, timesteps: Optional[list[int]] = None,
                    gan_weight: Union[float, Callable[[float], float]] = 0.0, gan_features: str = "fake",
-                   grad_scale: float = 1.0):
+                   grad_scale: float = 1.0, divergence=None):
     """The generator turn's loss for one micro-batch: a sum of terms, each a function of denoiser callables.
 
     dm_weight * DM loss (Eq. 7-8) + regression_weight * regression loss (Sec. 4.2.4) + gan_weight * DMD2's GAN
@@ -92,14 +92,23 @@ def generator_loss(model, batch: GeneratorBatch, *, dm_weight: float = 1.0, regr
     ``dm_grad_sq`` are the two squared norms (the GAN's at weight 1), for a ratio over a larger batch. ``gan_weight``
     may be a callable ``(gan_grad_sq, dm_grad_sq, term) -> weight`` of ``term`` (the GAN term at weight 1) in this
     loss: adaptive mode (training/gan_weight.py), which may also take ``term``'s gradient aside and return 0.
-    ``grad_scale``: the fp16 loss scale, for the GAN gradient taken here. Returns ``(loss, stats, x, cond)``; ``x``
-    (detached) and ``cond`` are what the fake score trains on.
+    ``grad_scale``: the fp16 loss scale, for the GAN gradient taken here. ``divergence`` (f-distill, issue 36): an
+    object whose ``weights(logits, t)`` gives each sample's DM weight from the discriminator's logits at the DM's own
+    noised sample (no gradient reaches the head or the fake score); None: DMD's reverse KL, every weight 1.
+    Returns ``(loss, stats, x, cond)``; ``x`` (detached) and ``cond`` are what the fake score trains on.
     """
     cond = model.encode_prompts(batch.prompts)
     timesteps = timesteps or [model.conditioning_timestep]
     x = backward_simulate(model, batch.z, cond, timesteps, batch.sim_steps, batch.sim_noise)
     real, fake = model.dm_denoisers()  # one UNet call for both with train.one_call_roles (issue 35)
-    loss_dm, stats = dmd_loss(x, real, fake, batch.t, batch.noise, model.schedule, cond)
+    h, s_h = None, {}
+    if divergence is not None:
+        with torch.no_grad():
+            x_t = model.schedule.add_noise(x.detach(), batch.noise, batch.t)
+            logits = model.discriminator(gan_features)(x_t, batch.t, cond, features_grad=False)
+        h, s_h = divergence.weights(logits, batch.t)
+    loss_dm, stats = dmd_loss(x, real, fake, batch.t, batch.noise, model.schedule, cond, sample_weight=h)
+    stats.update(s_h)
     loss = dm_weight * loss_dm
     if (callable(gan_weight) or gan_weight > 0) and batch.gan_t is not None:
         loss_gan, s_gan = gan_generator_loss(model.discriminator(gan_features), x, batch.gan_t, batch.gan_noise,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -217,21 +217,50 @@ def unet_predictor(m: "DMDModel", adapter: Optional[str], rows: Optional[list] =
     return predict
 
 
+def dm_fake_rows(m: "DMDModel", cond: torch.Tensor) -> tuple[list, Callable]:
+    """The DM loss's fake score (issue 36): the conditions of its rows and how their x0s combine. Default
+    (``fake_conditioning`` text, ``fake_guidance`` 0): one conditional row, today's fake score. ``none``: the
+    unconditional embedding (Zero-CFG's fake score). ``fake_guidance`` w != 0: cond + w (cond - uncond), CFG at
+    scale 1 + w (w < 0: Anti-CFG). Only the DM loss reads it: the fake score still trains on the text condition."""
+    u = m.uncond_embedding.to(cond).expand(cond.shape[0], *cond.shape[1:])
+    if m.fake_conditioning == "none":
+        return [u], lambda outs: outs[0]
+    if m.fake_guidance == 0:
+        return [cond], lambda outs: outs[0]
+    w = m.fake_guidance
+    return [u, cond], lambda outs: outs[1] + w * (outs[1] - outs[0])
+
+
+def dm_fake_denoiser(m: "DMDModel"):
+    """The fake score as the DM loss reads it (:func:`dm_fake_rows`), its rows in one call; no_grad."""
+    fake = m.fake_denoiser()
+
+    def dm_fake(x_t, t, cond):
+        conds, combine = dm_fake_rows(m, cond)
+        k = len(conds)
+        with torch.no_grad():
+            out = fake(torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(conds))
+        return combine(out.chunk(k))
+
+    return dm_fake
+
+
 def one_call_denoisers(m: "DMDModel"):
     """The DM loss's (real, fake) denoisers, evaluated together: real's call (the one
-    :func:`sd_dmd.core.losses.dmd_loss` makes first) runs the UNet once on 3B rows, CFG's unconditional and
-    conditional rows with adapters off and the fake score's through LoRA ``fake``, and keeps the fake rows' x0 for
-    fake's call on the same (x_t, t, cond). A fake call on other inputs runs on its own."""
+    :func:`sd_dmd.core.losses.dmd_loss` makes first) runs the UNet once on all rows, CFG's unconditional and
+    conditional rows with adapters off and the fake score's (:func:`dm_fake_rows`) through LoRA ``fake``, and keeps
+    the fake x0 for fake's call on the same (x_t, t, cond). A fake call on other inputs runs on its own."""
     scale, held = m.real_guidance_scale, {}
 
     def real(x_t, t, cond):
         b = x_t.shape[0]
         conds = [cond] if scale == 1.0 else [m.uncond_embedding.to(cond).expand(b, *cond.shape[1:]), cond]
-        k = len(conds)
-        joint = PredictionDenoiser(m._predict(None, [(None, k * b), (FAKE, b)]), m.schedule, m.prediction_type)
+        fake_conds, combine = dm_fake_rows(m, cond)
+        k, kf = len(conds), len(fake_conds)
+        joint = PredictionDenoiser(m._predict(None, [(None, k * b), (FAKE, kf * b)]), m.schedule, m.prediction_type)
         with torch.no_grad():
-            x0 = joint(torch.cat([x_t] * (k + 1)), torch.cat([t] * (k + 1)), torch.cat(conds + [cond]))
-        held.update(inputs=(x_t, t, cond), fake=x0[k * b:])
+            x0 = joint(torch.cat([x_t] * (k + kf)), torch.cat([t] * (k + kf)), torch.cat(conds + fake_conds))
+        held.update(inputs=(x_t, t, cond), fake=combine(x0[k * b:].chunk(kf)))
         if k == 1:
             return x0[:b]
         x0_u, x0_c = x0[:b], x0[b:2 * b]
@@ -241,7 +270,7 @@ def one_call_denoisers(m: "DMDModel"):
         inputs, x0 = held.pop("inputs", None), held.pop("fake", None)
         if inputs is not None and all(a is b for a, b in zip(inputs, (x_t, t, cond))):
             return x0
-        return m.fake_denoiser()(x_t, t, cond)
+        return dm_fake_denoiser(m)(x_t, t, cond)
 
     return real, fake
 
@@ -305,6 +334,7 @@ class DMDModel:
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         lora_calls.install(_tuner_layers(unet))  # our call path: rows routed to adapters, the merged form on CPU
         self.one_call_roles = True  # the DM loss's real and fake scores in one UNet call (train.one_call_roles)
+        self.fake_guidance, self.fake_conditioning = 0.0, "text"  # the DM loss's fake score (dm_fake_rows)
         self._activate(GENERATOR)
         if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_pinning_adapters)
@@ -390,7 +420,7 @@ class DMDModel:
 
     def dm_denoisers(self):
         """The DM loss's (real, fake) denoisers: in one UNet call with ``one_call_roles`` (:func:`one_call_denoisers`)."""
-        return one_call_denoisers(self) if self.one_call_roles else (self.real_denoiser(), self.fake_denoiser())
+        return one_call_denoisers(self) if self.one_call_roles else (self.real_denoiser(), dm_fake_denoiser(self))
 
     def generator_denoiser(self):
         return self._denoiser(GENERATOR)

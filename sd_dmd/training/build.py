@@ -76,6 +76,7 @@ def load_model(cfg: Config, device) -> tuple[DMDModel, tuple[int, int, int]]:
         gradient_checkpointing=cfg.train.gradient_checkpointing, resolution=cfg.model.resolution, vae=cfg.model.vae)
     m.generator_timesteps = list(cfg.dmd.generator_timesteps)
     m.one_call_roles = cfg.train.one_call_roles
+    m.fake_guidance, m.fake_conditioning = cfg.dmd.fake_guidance, cfg.dmd.fake_conditioning
     m.set_lora_merge(cfg.train.lora_merge)
     if cfg.train.compile:
         compile_unet(m, cfg.train.compile_backend)

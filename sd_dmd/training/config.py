@@ -51,6 +51,19 @@ class DMDConfig:
         "x0 (below, its boundary condition mixes in x_t)"))
     fake_updates_per_step: int = field(1, "fake-score updates per generator update (DMD: 1, DMD2 TTUR: 5-10)")
     dm_weight: float = field(1.0, "weight of the distribution-matching loss")
+    fake_guidance: float = field(0.0, "guidance w of the fake score in the DM loss: cond + w (cond - uncond); 0 = "
+                                      "conditional (DMD); < 0 = Anti-CFG. Its own training is unchanged")
+    fake_conditioning: Literal["text", "none"] = field(
+        "text", "the fake score's condition in the DM loss: text, or none (unconditional: Zero-CFG's fake score, "
+                "with dmd.real_guidance_scale 1)")
+    divergence: Literal["reverse_kl", "js", "forward_kl", "softened_rkl", "squared_hellinger", "jeffreys"] = field(
+        "reverse_kl", "f-divergence the DM gradient minimises (f-distill): each sample's gradient is weighted by "
+                      "h(r), r = exp(GAN logit) ~ p_real / p_fake; reverse_kl (h = 1) is DMD. Needs the GAN head")
+    ratio_clip: list[float] = field(default_factory=lambda: [0.1, 20.0], help="f-distill: the density ratio r is "
+                                    "clipped to [low, high] (FastGen)")
+    ratio_bins: int = field(10, "f-distill: timestep bins in which r is normalised by its mean (FastGen)")
+    ratio_ema: float = field(0.5, "f-distill: EMA decay of the per-bin mean ratio and of the mean weight, over "
+                                  "steps (the weights use the steps before; FastGen ImageNet-64: 0.5)")
     fake_loss_weighting: Literal["auto", "eps", "snr+1", "v"] = field(
         "auto", "fake-score loss: auto = the teacher's own (eps-MSE for eps teachers, SD's and DMD's; v-MSE for "
                 "v-prediction ones), eps, or snr+1 = v (v-MSE: weights high noise more, learns it)")
@@ -226,6 +239,7 @@ class Config:
             raise ConfigError("gan.generator_weight, gan.discriminator_weight, gan.start_step, gan.batch_size: "
                               "must be >= 0")
         self._validate_gan()
+        self._validate_divergence()
         if d.real_guidance_scale < 0:
             raise ConfigError(f"dmd.real_guidance_scale: must be >= 0, got {d.real_guidance_scale}")
         if d.fake_updates_per_step < 1:
@@ -256,6 +270,23 @@ class Config:
         if not self.data.prompts:
             raise ConfigError("data.prompts: at least one prompt file is required")
         self.hub.validate()
+
+    def _validate_divergence(self) -> None:
+        d, g = self.dmd, self.gan
+        if d.fake_guidance != 0 and d.fake_conditioning == "none":
+            raise ConfigError("dmd.fake_guidance: needs dmd.fake_conditioning text (an unconditional fake score has "
+                              "no guidance)")
+        if d.divergence == "reverse_kl":
+            return
+        if not g.real_latents or g.generator_weight == 0 and g.weight_mode == "fixed":
+            raise ConfigError(f"dmd.divergence: {d.divergence} reads the density ratio from the GAN head; set "
+                              "gan.real_latents (and a gan.generator_weight > 0), or dmd.divergence reverse_kl")
+        lo_hi = list(d.ratio_clip)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
+            raise ConfigError(f"dmd.ratio_clip: need 0 < low < high, got {lo_hi}")
+        if d.ratio_bins < 1 or not 0 <= d.ratio_ema < 1:
+            raise ConfigError(f"dmd.ratio_bins / dmd.ratio_ema: need >= 1 and in [0, 1), got {d.ratio_bins} and "
+                              f"{d.ratio_ema}")
 
     def _validate_gan(self) -> None:
         g = self.gan

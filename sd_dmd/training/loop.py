@@ -23,6 +23,7 @@ from sd_dmd.training import artifacts, turns
 from sd_dmd.training import state as ckpt
 from sd_dmd.training.build import check_precision, load_data, load_model, make_optimisation
 from sd_dmd.training.config import Config
+from sd_dmd.training.divergence import DivergenceWeights
 from sd_dmd.training.draws import Draws
 from sd_dmd.training.gan_weight import GANWeight
 from sd_dmd.training.preflight import check_start, clear_output_dir
@@ -49,6 +50,7 @@ class Trainer:
         self.draws = Draws(cfg, self.prompts, self.latent_shape, self.model.schedule.num_train_timesteps,
                            accelerator.device, accelerator.process_index, self.store, self.real_store)
         self.gan_weight = GANWeight(cfg.gan, self._mean_over_processes)  # fixed or adaptive (gan.weight_mode)
+        self.divergence = DivergenceWeights(cfg.dmd, self._mean_over_processes)  # f-distill (dmd.divergence)
         self.step = 0
         self.attempt = 0  # retries of this step after a non-finite generator turn (each draws new samples)
         self.nonfinite_in_a_row = 0

@@ -140,7 +140,8 @@ def save_checkpoint(t) -> Path:
                  "sched_discriminator": t.sched_d.state_dict() if t.sched_d is not None else None,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "ema_optimization_step": t.ema.optimization_step if t.ema is not None else None,
-                 "gan_weight": t.gan_weight.state_dict(), "history": t.history}
+                 "gan_weight": t.gan_weight.state_dict(), "divergence": t.divergence.state_dict(),
+                 "history": t.history}
         atomic_json(tmp / STATE_FILE, json.loads(json.dumps(state, default=float)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
@@ -179,6 +180,7 @@ def load_checkpoint(t, path: Path) -> None:
         t.acc.scaler.load_state_dict(state["scaler"])
     t.nonfinite_total = state["nonfinite_total"]
     t.gan_weight.load_state_dict(state.get("gan_weight"))  # adaptive mode's smoothed ratio (absent: none yet)
+    t.divergence.load_state_dict(state.get("divergence"))  # f-distill's ratio statistics (absent: none yet)
     t.history = state["history"]
     if lr_changes:  # DMD2's second stage: the same run, resumed at a lower learning rate
         notes.append(f"resumed at step {t.step} with {', '.join(lr_changes)} (the schedule continues from there)")

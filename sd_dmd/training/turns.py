@@ -87,12 +87,14 @@ def generator_turn(t) -> tuple[dict, bool, list]:
             loss, s, x, cond = generator_loss(t.model, mb, dm_weight=cfg.dmd.dm_weight,
                                               regression=t.reg_loss, regression_weight=cfg.regression.weight,
                                               timesteps=cfg.dmd.generator_timesteps, gan_weight=gan_weight,
-                                              gan_features=cfg.gan.features, grad_scale=scale)
+                                              gan_features=cfg.gan.features, grad_scale=scale,
+                                              divergence=t.divergence if t.divergence.active and t.gan_on() else None)
         acc.backward(loss / n_acc)  # the GAN term reaches only G: its gradient was taken on x alone
         add_mean(stats, s, n_acc)
         samples.append((x, cond))
     if deferred is not None:
         stats["gan_weight_generator"] = deferred.finish()
+    div_stats = t.divergence.finish()  # the step's ratio statistics, over processes, for the next steps' weights
     stats.pop("gan_dm_grad_ratio", None)  # a micro-batch's: the global batch's is set below
     norm, applied = apply_gradients(t.acc, [(t.gen_params, t.opt_g, t.sched_g)], stats,
                                     t.cfg.optim.max_grad_norm)
@@ -102,6 +104,7 @@ def generator_turn(t) -> tuple[dict, bool, list]:
             stats["gan_dm_grad_ratio"] = stats["gan_weight_generator"] * raw
     if applied and t.ema is not None:
         t.ema.step(t.gen_params)
+    stats.update(div_stats)  # already the global batch's: after the stats' mean over processes
     stats["grad_norm_generator"] = norm
     return stats, applied, samples
 
