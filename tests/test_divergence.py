@@ -171,3 +171,16 @@ def test_divergence_without_the_gan_head_is_a_config_error():
     with pytest.raises(ConfigError, match="dmd.ratio_clip"):
         _cfg("--dmd.divergence", "js", "--gan.real_latents", "x", "--dmd.ratio_clip", "2", "1")
     assert _cfg("--dmd.divergence", "js", "--gan.real_latents", "x").dmd.divergence == "js"
+
+
+def test_curves_draw_the_weights_spread_when_logged(tmp_path):
+    from sd_dmd.outputs.report import _panels, plot_curves
+
+    history = [{"step": s, "loss_dm": 1.0, "f_weight_mean": 1.0, "f_weight_std": 0.1 * s, "f_ratio_bin_min": 0.5,
+                "f_ratio_bin_max": 2.0 + s} for s in range(1, 6)]
+    titles = [name for name, _, _ in _panels(history)]
+    assert any(t.startswith("f-divergence weights") for t in titles) and any(t.startswith("density ratio") for t in
+                                                                             titles)
+    assert not any(t.startswith("f-divergence") for t, _, _ in _panels([{k: v for k, v in h.items()
+                                                                         if not k.startswith("f_")} for h in history]))
+    assert plot_curves(history, tmp_path / "curves.png").is_file()

@@ -108,6 +108,8 @@ PANELS = [  # (title, keys, log scale); a panel is drawn when the history has an
     ("GAN losses", ("loss_gan_generator", "loss_gan_discriminator"), False),
     ("discriminator accuracy", ("gan_d_real_acc", "gan_d_fake_acc"), False),
     ("GAN / DM gradient norm on x", ("gan_dm_grad_ratio",), True),
+    ("f-divergence weights: mean, std (dmd.divergence)", ("f_weight_mean", "f_weight_std"), False),
+    ("density ratio p_real/p_fake: lowest and highest bin mean", ("f_ratio_bin_min", "f_ratio_bin_max"), True),
     ("non-finite events (total)", ("nonfinite_total",), False),
 ]
 
