@@ -45,6 +45,9 @@ def adapters(t):
 
 # ----- item 2: 8-bit AdamW + EMA + TTUR 2 + bf16 autocast: save, resume, bit-exact ------------------------
 def test_adamw8bit_ema_ttur_bf16_resume_is_bit_exact(setup, tmp_path, fresh_accelerate):
+    from bnb_extra import need_bitsandbytes
+
+    need_bitsandbytes()
     opts = ("--optim.optimizer", "adamw8bit", "--train.ema_decay", "0.9", "--dmd.fake_updates_per_step", "2",
             "--train.mixed_precision", "bf16", "--checkpointing.every", "2")
     straight = train(cfg_of(setup, tmp_path / "a", *opts))

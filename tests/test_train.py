@@ -216,8 +216,10 @@ def test_four_step_run_records_and_samples_its_timesteps(setup, tmp_path):
 
 
 def test_adamw8bit_and_lpips_paths(setup, tmp_path):
+    from bnb_extra import need_bitsandbytes
     from diffusers import AutoencoderTiny
 
+    need_bitsandbytes()
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
     t = train(_cfg(setup, tmp_path / "r8", "--optim.optimizer", "adamw8bit", "--regression.loss", "lpips",

@@ -103,8 +103,11 @@ COMMANDS = [("path", "generate_pairs.py"), ("path", "train_text2image.py")] + [
 def test_import_and_every_help_print_nothing_and_open_no_connection():
     import json
 
+    from bnb_extra import bitsandbytes_path, need_bitsandbytes
+
+    need_bitsandbytes()  # the child imports it
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *bitsandbytes_path()])  # the [adamw8bit] extra
     out = subprocess.run([sys.executable, "-c", _GUARDED, json.dumps(COMMANDS)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stderr.strip() == "", out.stderr[-3000:]
