@@ -72,6 +72,12 @@ class EvalConfig:
     fid_weights: Optional[str] = field(None, "local FID Inception weights (torch-fidelity pt_inception) for offline use")
     clip_model: str = field("ViT-g-14", "open_clip architecture")
     clip_pretrained: Optional[str] = field("laion2b_s12b_b42k", "open_clip pretrained tag or local file; none skips CLIP")
+    pr_k: int = field(3, "k of precision/recall's k-NN balls (Kynkaanniemi et al.); computed with a reference folder")
+    diversity_prompts: int = field(0, "per-prompt LPIPS diversity over this many prompts (the first captions); 0 = off")
+    diversity_seeds: int = field(4, "seeds (images) per prompt for the LPIPS diversity")
+    lpips_net: Literal["alex", "vgg"] = field("alex", "LPIPS backbone of the diversity")
+    lpips_pretrained_backbone: bool = field(True, "the backbone's ImageNet weights (torchvision's cache); false: "
+                                                  "random (offline tests)")
 
     def validate(self):
         for k in _OPTIONAL_PATHS:
@@ -95,6 +101,8 @@ class EvalConfig:
             if lcm_err:
                 raise ConfigError(f"timesteps: {lcm_err}")
             self.timesteps, self.steps = ts, len(ts)
+        if self.diversity_prompts < 0 or (self.diversity_prompts and self.diversity_seeds < 2) or self.pr_k < 1:
+            raise ConfigError("diversity_prompts / diversity_seeds / pr_k: need >= 0, >= 2 seeds when on, k >= 1")
         for k in ("num_prompts", "batch_size", "steps", "resolution", "eval_resolution"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
@@ -141,16 +149,33 @@ def build_pipeline(cfg: EvalConfig, device):
 
 def generate(cfg: EvalConfig, captions: list[str], image_dir: Path) -> None:
     """Write image i for caption i (skipping those on disk); processes take indices i % world == rank."""
-    from tqdm.auto import tqdm
+    render(cfg, [(image_dir / f"{i:06d}.png", c, cfg.seed * 1_000_003 + i) for i, c in enumerate(captions)])
 
+
+def diversity_jobs(cfg: EvalConfig, captions: list[str], folder: Path) -> list:
+    """The per-prompt diversity's images: seeds 0..N-1 of each of the first prompts, on their own noise stream."""
+    n = cfg.diversity_seeds
+    return [(folder / f"{p:05d}_{s:02d}.png", captions[p], cfg.seed * 1_000_003 + 2_000_000_000 + p * n + s)
+            for p in range(min(cfg.diversity_prompts, len(captions))) for s in range(n)]
+
+
+def render(cfg: EvalConfig, jobs: list) -> None:
+    """Each (path, caption, noise seed) job's image, skipping those on disk; processes take jobs j % world == rank."""
     from sd_dmd.dist import partial_state
 
     state = partial_state()
-    image_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(len(captions)) if i % state.num_processes == state.process_index
-            and not (image_dir / f"{i:06d}.png").exists()]
-    if not todo:
-        return
+    todo = [job for j, job in enumerate(jobs) if j % state.num_processes == state.process_index
+            and not job[0].exists()]
+    for path in {job[0].parent for job in jobs}:
+        path.mkdir(parents=True, exist_ok=True)
+    if todo:
+        _render(cfg, todo, state)
+    state.wait_for_everyone()
+
+
+def _render(cfg: EvalConfig, todo: list, state) -> None:
+    from tqdm.auto import tqdm
+
     pipe = build_pipeline(cfg, state.device)
     kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
               width=cfg.resolution)
@@ -161,14 +186,13 @@ def generate(cfg: EvalConfig, captions: list[str], image_dir: Path) -> None:
 
             fit_lcm_grid(pipe.scheduler, kw["timesteps"])
     for b in tqdm(range(0, len(todo), cfg.batch_size), disable=not state.is_main_process, desc="images"):
-        idx = todo[b:b + cfg.batch_size]
-        gens = [torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i) for i in idx]
-        images = pipe([captions[i] for i in idx], generator=gens, **kw).images
-        for i, im in zip(idx, images):
-            tmp = image_dir / f"{i:06d}.tmp.png"
+        batch = todo[b:b + cfg.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+        images = pipe([c for _, c, _ in batch], generator=gens, **kw).images
+        for (path, _, _), im in zip(batch, images):
+            tmp = path.with_name(path.stem + ".tmp.png")
             lanczos(im, cfg.eval_resolution).save(tmp)
-            tmp.replace(image_dir / f"{i:06d}.png")
-    state.wait_for_everyone()
+            tmp.replace(path)
 
 
 def make_fid(feature=2048, weights: Optional[str] = None):
@@ -382,6 +406,7 @@ def prepare_out_dir(out: Path, manifest: dict, captions: list[str], overwrite: b
     if state.is_main_process:
         if overwrite:
             shutil.rmtree(out / "images", ignore_errors=True)
+            shutil.rmtree(out / "diversity", ignore_errors=True)
             for name in (MANIFEST, "metrics.json", "captions.json"):
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -406,6 +431,8 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False) -> dict:
     captions = read_captions(cfg.prompts, cfg.num_prompts, cfg.seed)
     prepare_out_dir(out, eval_manifest(cfg, captions), captions, overwrite)
     generate(cfg, captions, out / "images")
+    if cfg.diversity_prompts:
+        render(cfg, diversity_jobs(cfg, captions, out / "diversity"))
     if not state.is_main_process:
         return {}
     gen = load_images(out / "images", cfg.eval_resolution)
@@ -413,6 +440,12 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False) -> dict:
                "guidance_scale": cfg.guidance_scale, "fid_impl": "torchmetrics FrechetInceptionDistance (2048)"}
     if cfg.reference:
         metrics["fid"] = fid_between(gen, cfg.reference, 2048, cfg.fid_weights, cfg.eval_resolution)
+        metrics.update(_precision_recall(cfg, gen))
+    if cfg.diversity_prompts:
+        from sd_dmd.evaluation.diversity import lpips_diversity, make_lpips
+
+        div = load_images(out / "diversity", cfg.eval_resolution).split(cfg.diversity_seeds)
+        metrics.update(lpips_diversity(list(div), make_lpips(cfg.lpips_net, cfg.lpips_pretrained_backbone)))
     if cfg.clip_pretrained:
         model, size, tok = load_clip(cfg.clip_model, cfg.clip_pretrained, state.device)
         metrics["clip_score"] = clip_score(gen, captions[:len(gen)], model, size, tok)
@@ -420,6 +453,17 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False) -> dict:
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _precision_recall(cfg: EvalConfig, gen: torch.Tensor) -> dict:
+    """Precision and recall on FID's features, when the reference is a folder of images (statistics hold none)."""
+    from sd_dmd.evaluation.diversity import inception_features, precision_recall
+
+    if not Path(cfg.reference).is_dir():
+        return {"precision_recall": "needs a reference folder of images (a statistics file holds no features)"}
+    real = load_images(Path(cfg.reference), cfg.eval_resolution)
+    feats = inception_features(torch.cat([real, gen]), cfg.fid_weights)
+    return precision_recall(feats[:len(real)], feats[len(real):], cfg.pr_k)
 
 
 def main(argv=None):
