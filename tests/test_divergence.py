@@ -131,8 +131,8 @@ def test_weights_reach_only_the_generator(gan_model):
         assert torch.allclose(a, e, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("one_call", [True, False])
-@pytest.mark.parametrize("w, conditioning", [(-0.5, "text"), (0.7, "text"), (0.0, "none")])
+@pytest.mark.parametrize("one_call, w, conditioning", [(True, -0.5, "text"), (False, -0.5, "text"), (True, 0.7, "text"),
+                                                       (False, 0.0, "none"), (True, 0.0, "none")])
 def test_fake_guidance_placement(tiny_model, one_call, w, conditioning):
     m = tiny_model
     g = torch.Generator().manual_seed(3)
