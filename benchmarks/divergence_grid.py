@@ -1,7 +1,7 @@
 """Issue 36: divergence x guidance placement on the digits instrument, at equal steps -> docs/RESULTS.md's table.
 
     python benchmarks/divergence_grid.py [--config configs/digits.yaml] [--rows reverse_kl js ...] \
-        [--eval_seeds 0 1 2] [--per_class 100] [--out runs/divergence_grid]
+        [--extra='--train.seed 1'] [--eval_seeds 0 1 2] [--per_class 100] [--out runs/divergence_grid]
 
 Each row trains ``--config`` as shipped plus the row's overrides (train_text2image.py's code, in this process), then
 samples 100 images per digit for each evaluation seed from ``final/`` in a fresh diffusers pipeline and scores them
@@ -63,7 +63,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--extra", nargs="*", default=[], help="overrides for every row (e.g. --train.max_steps 600)")
+    p.add_argument("--extra", default="", help="overrides for every row, one string: --extra='--train.seed 1'")
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per_class", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("runs/divergence_grid"))
@@ -77,6 +77,9 @@ def main():
     torch.set_num_threads(2)
     clf = load_classifier()
     args.out.mkdir(parents=True, exist_ok=True)
+    import shlex
+
+    args.extra = shlex.split(args.extra)
     base = ["--config", args.config, *args.extra]
     guidance = load_config(Config, base)[0].dmd.real_guidance_scale
     teacher_file = args.out / f"teacher_cfg{guidance:g}_{'-'.join(map(str, args.eval_seeds))}x{args.per_class}.json"
