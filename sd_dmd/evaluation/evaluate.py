@@ -462,6 +462,9 @@ def _precision_recall(cfg: EvalConfig, gen: torch.Tensor) -> dict:
     if not Path(cfg.reference).is_dir():
         return {"precision_recall": "needs a reference folder of images (a statistics file holds no features)"}
     real = load_images(Path(cfg.reference), cfg.eval_resolution)
+    if min(len(real), len(gen)) <= cfg.pr_k:  # a k-NN ball needs k other points: say so, do not fail the run
+        return {"precision_recall": f"skipped: needs more than pr_k={cfg.pr_k} images in the reference and the "
+                                    f"generated set (got {len(real)} and {len(gen)})"}
     feats = inception_features(torch.cat([real, gen]), cfg.fid_weights)
     return precision_recall(feats[:len(real)], feats[len(real):], cfg.pr_k)
 
