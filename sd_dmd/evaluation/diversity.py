@@ -11,16 +11,12 @@
 from __future__ import annotations
 
 import itertools
-from typing import Optional
-
 import torch
 
 
-def inception_features(images: torch.Tensor, weights: Optional[str] = None, batch: int = 64) -> torch.Tensor:
-    """FID's 2048-d features of uint8 images (N, 3, H, W), by torchmetrics' FrechetInceptionDistance network."""
-    from sd_dmd.evaluation.evaluate import make_fid
-
-    net = make_fid(2048, weights).inception
+def inception_features(images: torch.Tensor, net, batch: int = 64) -> torch.Tensor:
+    """FID's features of uint8 images (N, 3, H, W) by ``net``, the feature network of torchmetrics'
+    FrechetInceptionDistance (``make_fid(...).inception``: Inception pool3, 2048-d)."""
     with torch.no_grad():
         return torch.cat([net(images[i:i + batch]).reshape(len(images[i:i + batch]), -1).double()
                           for i in range(0, len(images), batch)])

@@ -465,7 +465,7 @@ def _precision_recall(cfg: EvalConfig, gen: torch.Tensor) -> dict:
     if min(len(real), len(gen)) <= cfg.pr_k:  # a k-NN ball needs k other points: say so, do not fail the run
         return {"precision_recall": f"skipped: needs more than pr_k={cfg.pr_k} images in the reference and the "
                                     f"generated set (got {len(real)} and {len(gen)})"}
-    feats = inception_features(torch.cat([real, gen]), cfg.fid_weights)
+    feats = inception_features(torch.cat([real, gen]), make_fid(2048, cfg.fid_weights).inception)
     return precision_recall(feats[:len(real)], feats[len(real):], cfg.pr_k)
 
 

@@ -232,15 +232,16 @@ def dm_fake_rows(m: "DMDModel", cond: torch.Tensor) -> tuple[list, Callable]:
 
 
 def dm_fake_denoiser(m: "DMDModel"):
-    """The fake score as the DM loss reads it (:func:`dm_fake_rows`), its rows in one call; no_grad."""
+    """The fake score as the DM loss reads it (:func:`dm_fake_rows`), its rows in one call (the DM loss calls it
+    under no_grad)."""
     fake = m.fake_denoiser()
 
     def dm_fake(x_t, t, cond):
         conds, combine = dm_fake_rows(m, cond)
         k = len(conds)
-        with torch.no_grad():
-            out = fake(torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(conds))
-        return combine(out.chunk(k))
+        if k == 1:
+            return combine([fake(x_t, t, conds[0])])
+        return combine(fake(torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(conds)).chunk(k))
 
     return dm_fake
 
