@@ -248,7 +248,7 @@ def test_missing_tracker_is_an_error_at_start(setup, tmp_path, monkeypatch, caps
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     assert_one_line_error(train_text2image.main, argv(setup, tmp_path / "w", "--logging.tracker", "wandb"), capsys,
-                          "pip install wandb")
+                          "pip install 'sd_dmd[wandb]'")
     assert not (tmp_path / "w").exists()
 
 
