@@ -65,7 +65,8 @@ def test_only_adapters_change_and_final_reproduces_generator(setup, tmp_path):
     assert (run / "final" / "lora_kohya.safetensors").exists()
     card = (run / "final" / "README.md").read_text()
     assert "load_lora_weights" in card and "example.invalid" not in card
-    assert f"teacher | `{setup['pipe']}`" in card and "timesteps=[999]" in card and "lora_kohya.safetensors" in card
+    # a local teacher is named by its folder, never by its path (the card is published: issue 37)
+    assert f"teacher | `{Path(setup['pipe']).name}`" in card and setup["pipe"] not in card and "timesteps=[999]" in card and "lora_kohya.safetensors" in card
     assert "![samples](samples.png)" in card and (run / "final" / "samples.png").is_file()  # inside final/
     assert (run / "validation" / "step-000002.png").exists() and (run / "validation" / "final.png").exists()
     assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
