@@ -1,6 +1,6 @@
-"""Teachers beyond SD1.5 (issue 28): a tiny SDXL pipeline (two CLIP encoders, the second with a projection,
-``addition_embed_type="text_time"``, built as diffusers' own SDXL tests build one) and a tiny v-prediction SD
-pipeline, through the round trips SD1.5 has: the real score against the plain pipeline's guided x0, one- and
+"""Teachers beyond SD1.5 (issues 28 and 38): a tiny SDXL pipeline (two CLIP encoders, the second with a projection,
+``addition_embed_type="text_time"``, built as diffusers' own SDXL tests build one), a tiny v-prediction SD
+pipeline and a tiny SD3.5-shaped flow-matching pipeline (MMDiT, CLIP-L/G and T5), through the round trips SD1.5 has: the real score against the plain pipeline's guided x0, one- and
 four-step LoRAs in a fresh pipeline against the trainer's samples, the kohya file under ComfyUI's key rule, pairs ->
 training with and without the GAN -> resume -> export, and only the stepped adapter learning."""
 import json
@@ -15,7 +15,7 @@ from sd_dmd.errors import ModelError
 from sd_dmd.models.shared_unet import FAKE, GENERATOR, DMDModel, LoraSpec
 
 PROMPTS = ["a red cube", "two cats on a sofa"]
-FAMILIES = ["sdxl", "v"]
+FAMILIES = ["sdxl", "v", "sd3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -25,11 +25,13 @@ def kind(request):
 
 @pytest.fixture(scope="module")
 def pipe_dir(kind, tmp_path_factory):
-    from sd_dmd.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from sd_dmd.models.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 
     out = tmp_path_factory.mktemp(kind) / "pipe"
     if kind == "sdxl":
         return str(build_tiny_sdxl_pipeline(out))
+    if kind == "sd3":
+        return str(build_tiny_sd3_pipeline(out))
     return str(build_tiny_pipeline(out, prediction_type="v_prediction"))
 
 
@@ -45,13 +47,25 @@ def _randomize(m, name, scale=0.1, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def _z(seed=0):
-    return torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+def _z(seed=0, pipe_dir=None):
+    """Noise of the family's latent shape: 16 channels for SD3, 4 for the others."""
+    ch = 16 if pipe_dir is not None and json.loads(open(f"{pipe_dir}/model_index.json").read())[
+        "_class_name"] == "StableDiffusion3Pipeline" else 4
+    return torch.randn(len(PROMPTS), ch, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _lcm(pipe):
+    """The few-step scheduler a user sets on a plain pipeline: LCMScheduler, FlowMatchLCMScheduler for SD3."""
+    from diffusers import FlowMatchLCMScheduler, LCMScheduler
+
+    flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    return (FlowMatchLCMScheduler if flow else LCMScheduler).from_config(pipe.scheduler.config)
 
 
 def test_family_and_prediction_type_are_read(kind, pipe_dir):
     m = _model(pipe_dir)
-    assert (m.family.name, m.prediction_type) == (("sdxl", "epsilon") if kind == "sdxl" else ("sd", "v_prediction"))
+    assert (m.family.name, m.prediction_type) == {"sdxl": ("sdxl", "epsilon"), "v": ("sd", "v_prediction"),
+                                                  "sd3": ("sd3", "flow")}[kind]
 
 
 def test_real_denoiser_equals_the_plain_pipelines_guided_x0(kind, pipe_dir):
@@ -64,10 +78,11 @@ def test_real_denoiser_equals_the_plain_pipelines_guided_x0(kind, pipe_dir):
     m = _model(pipe_dir)
     fam = detect_family(pipe_dir)
     pipe = fam.load_pipeline(pipe_dir)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                               set_alpha_to_one=True, clip_sample=False)
+    if kind != "sd3":  # SD3: its own FlowMatchEulerDiscreteScheduler, one step from sigma = 1 to 0, is x0 itself
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=True, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
-    z = _z(1)
+    z = _z(1, pipe_dir)
     want = pipe(PROMPTS, latents=z.clone(), num_inference_steps=1, guidance_scale=3.0, height=16, width=16,
                 output_type="latent").images
     got = m.real_denoiser()(z, torch.full((2,), 999), m.encode_prompts(PROMPTS))
@@ -78,6 +93,18 @@ def test_real_denoiser_equals_the_plain_pipelines_guided_x0(kind, pipe_dir):
     assert (m.real_denoiser(1.0)(z, torch.full((2,), 999), m.encode_prompts(PROMPTS)) - want).abs().max() > 1e-4
     if kind == "sdxl":
         assert torch.equal(m.uncond_embedding[:, :-1], torch.zeros_like(m.uncond_embedding[:, :-1]))
+    if kind == "sd3":  # a mutation of the conditioning fails it: CLIP-L's and CLIP-G's parts swapped, in the pooled
+        # embedding (16 + 24 wide) or in the hidden states (the tokens' order is no mutation: MMDiT's text tokens have
+        # no positions, so their order does not change the output)
+        cond = m.encode_prompts(PROMPTS)
+        k = m.text.extra_rows
+
+        def swap(x):
+            return torch.cat([x[..., 16:40], x[..., :16], x[..., 40:]], -1)
+
+        for bad in (torch.cat([cond[:, :-k], swap(cond[:, -k:])], 1),
+                    torch.cat([swap(cond[:, :77]), cond[:, 77:]], 1)):
+            assert (m.real_denoiser()(z, torch.full((2,), 999), bad) - want).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("timesteps", [[999], [999, 749, 499, 249]])
@@ -89,24 +116,28 @@ def test_one_and_four_step_loras_in_a_fresh_pipeline_reproduce_the_trainers_samp
     _randomize(m, GENERATOR, seed=3)
     m.generator_timesteps = timesteps
     save_lora(m, tmp_path / "lora")
-    z = _z()
-    ref = m.sample(z, m.encode_prompts(PROMPTS), timesteps, torch.Generator().manual_seed(7))
+    z = _z(0, pipe_dir)
+
+    def seeded():  # SD3's pipeline does not give its generator to the scheduler's step: FlowMatchLCMScheduler draws
+        torch.manual_seed(7)  # its re-noising from torch's global RNG, so that is seeded too
+        return torch.Generator().manual_seed(7)
+
+    g = seeded()
+    ref = m.sample(z, m.encode_prompts(PROMPTS), timesteps, None if m.family.flow else g)
     pipe = one_step_pipeline(pipe_dir, str(tmp_path / "lora"))
-    out = pipe(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+    out = pipe(PROMPTS, latents=z.clone(), generator=seeded(), output_type="latent",
                height=16, width=16, **call_kwargs(pipe, timesteps)).images
     assert (out - ref).abs().max().item() <= 1e-4
-    from diffusers import LCMScheduler
-
     from sd_dmd.models.family import detect_family
 
     plain = detect_family(pipe_dir).load_pipeline(pipe_dir)  # what a user types: load_lora_weights on final/
     plain.load_lora_weights(str(tmp_path / "lora"))
-    plain.scheduler = LCMScheduler.from_config(plain.scheduler.config)
-    out = plain(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+    plain.scheduler = _lcm(plain)
+    out = plain(PROMPTS, latents=z.clone(), generator=seeded(), output_type="latent",
                 height=16, width=16, **call_kwargs(plain, timesteps)).images
     assert (out - ref).abs().max().item() <= 1e-4
     base = one_step_pipeline(pipe_dir, None)  # the check can fail: without the LoRA it is another sample
-    out0 = base(PROMPTS, latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
+    out0 = base(PROMPTS, latents=z.clone(), generator=seeded(), output_type="latent",
                 height=16, width=16, **call_kwargs(base, timesteps)).images
     assert (out0 - ref).abs().max().item() > 1e-3
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from net_guard import SOURCE
+
 from sd_dmd._warnings import DropMessage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +71,8 @@ def test_diffusers_empty_fp32_list_filtered_but_other_messages_kept(tiny_pipe_di
 # Run in a child process: a socket guard records every connection and name lookup and refuses it; then the imports
 # and each command's --help run in-process, each command's stdout captured. HF_HUB_OFFLINE is *not* set, so a
 # dependency that would reach the Hub (bitsandbytes >= 0.50 fetching `kernels` at import, issue 25) is caught here.
-_GUARDED = r"""
-import contextlib, io, json, runpy, socket, sys
-tried = []
-def refuse(*args, **kwargs):
-    tried.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args)[:120])
-    raise OSError("network blocked by the test")
-socket.socket.connect = socket.socket.connect_ex = refuse
-socket.getaddrinfo = socket.create_connection = refuse
+_GUARDED = SOURCE + r"""
+import contextlib, io, json, runpy, sys
 import sd_dmd, peft, bitsandbytes, diffusers, transformers
 import bitsandbytes.optim  # what adamw8bit uses
 helps = {}

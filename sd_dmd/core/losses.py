@@ -89,12 +89,13 @@ def f_divergence_weights(logits: torch.Tensor, t: torch.Tensor, divergence: str,
     return h_raw / mean_h, sums
 
 
-FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1", "v")
+FAKE_LOSS_WEIGHTINGS = ("eps", "snr+1", "v", "flow")
 
 
 def native_weighting(prediction_type: str) -> str:
-    """The fake-score loss the teacher itself was trained with: eps-MSE for eps teachers, v-MSE for v ones."""
-    return "v" if prediction_type == "v_prediction" else "eps"
+    """The fake-score loss the teacher itself was trained with: eps-MSE for eps teachers, v-MSE for v ones, the
+    velocity MSE for flow-matching ones."""
+    return {"v_prediction": "v", "flow": "flow"}.get(prediction_type, "eps")
 
 
 def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -105,6 +106,8 @@ def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: tor
     ``snr+1`` (= ``v``): (SNR + 1) * |x0_hat - x|^2 = mse(v_fake(x_t), v) (v-prediction's loss: v - v_hat =
     (x0_hat - x0) / sigma at fixed x_t, and 1 / sigma^2 = SNR + 1); at high noise the eps loss weights the x0
     error by SNR ~ 0.005 (t = 999), so the fake score hardly learns there, yet Eq. 7 reads its x0 there.
+    ``flow``: 1 / sigma^2 * |x0_hat - x|^2 = mse(v_fake(x_t), eps - x), the velocity loss of a flow-matching
+    teacher (x0 = x_t - sigma v at fixed x_t).
     """
     if weighting not in FAKE_LOSS_WEIGHTINGS:
         raise ValueError(f"unknown fake-score loss weighting '{weighting}' (choose from {FAKE_LOSS_WEIGHTINGS})")
@@ -113,7 +116,7 @@ def fake_score_loss(fake: Denoiser, x: torch.Tensor, t: torch.Tensor, noise: tor
     x0_hat = fake(x_t, t, cond).float()
     a, s = schedule.alpha_sigma(t, x)
     snr = (a / s) ** 2
-    w = snr if weighting == "eps" else snr + 1
+    w = snr if weighting == "eps" else 1.0 / s ** 2 if weighting == "flow" else snr + 1
     loss = (w * (x0_hat - x.float()).pow(2)).mean()
     return loss, {"loss_fake": loss.item()}
 

@@ -1,7 +1,13 @@
-"""SD's DDPM noise schedule (scaled_linear, T = 1000) and timestep sampling.
+"""Noise schedules: SD's DDPM one (scaled_linear, T = 1000), the flow-matching one of SD3 (issue 38), and timestep
+sampling.
 
-Notation as DESIGN.md: abar_t = alphas_cumprod[t], alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
-x_t = alpha_t x0 + sigma_t eps, x0_hat = (x_t - sigma_t eps_hat) / alpha_t.
+Notation as DESIGN.md: x_t = alpha_t x0 + sigma_t eps for an integer index t in [0, T) (T = 1000), more noise as t
+grows. DDPM: abar_t = alphas_cumprod[t], alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
+x0_hat = (x_t - sigma_t eps_hat) / alpha_t. Flow matching: alpha_t = 1 - sigma_t with sigma_t the teacher's own
+training sigmas (shifted), x0_hat = x_t - sigma_t v_hat for the velocity v = eps - x0. Everything above the schedule
+(the losses, the draws, the step) sees only indices, ``alpha_sigma``, ``add_noise`` and ``to_x0``, so it is the same
+for both; :meth:`NoiseSchedule.model_timestep` is what the network is given for an index (t itself for DDPM, 1000
+sigma_t for flow matching).
 """
 from __future__ import annotations
 
@@ -66,6 +72,67 @@ class NoiseSchedule:
     def x0_to_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.alpha_sigma(t, x_t)
         return (x_t.float() - a * x0.float()) / s
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is given for index ``t``: the index itself (SD's UNets are trained on it)."""
+        return t
+
+    def describe_range(self, t_min: int, t_max: int) -> str:
+        return f"t in [{t_min}, {t_max}]"
+
+
+class FlowMatchSchedule(NoiseSchedule):
+    """Rectified flow (SD3, Flux): x_t = (1 - sigma_t) x0 + sigma_t eps, the network predicting v = eps - x0, so
+    x0 = x_t - sigma_t v.
+
+    Index t in [0, T) is the teacher's training sigma number t, counted from the least noise: sigma_t is
+    ``FlowMatchEulerDiscreteScheduler``'s ``sigmas`` in ascending order, i.e. shift s / (1 + (shift - 1) s) of
+    s = (t + 1) / T, and the network is given 1000 sigma_t, as the scheduler's ``timesteps``. So t = 999 is sigma = 1
+    (pure noise: the one-step generator's input) and every range of indices in the config (DM, fake score, GAN) is a
+    range of the teacher's own training timesteps, with its shift."""
+
+    def __init__(self, sigmas: torch.Tensor, timestep_scale: float = 1000.0):
+        self.sigmas = sigmas.float()  # [T], ascending
+        self.num_train_timesteps = len(sigmas)
+        self.timestep_scale = timestep_scale
+        self.alphas_cumprod = (1.0 - self.sigmas) ** 2  # the same SNR, for code that reads it (not for noising)
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "FlowMatchSchedule":
+        """From a ``FlowMatchEulerDiscreteScheduler`` (or a scheduler with its config): its training sigmas, exactly
+        as its ``__init__`` computes them. Dynamic shifting (Flux: a shift that depends on the image size) is refused."""
+        cfg = scheduler.config
+        if cfg.get("use_dynamic_shifting"):
+            raise ValueError("a flow-matching scheduler with use_dynamic_shifting (a resolution-dependent shift, as "
+                             "Flux's) is not supported yet; SD3's fixed shift is")
+        n = int(cfg.get("num_train_timesteps", 1000))
+        fresh = type(scheduler).from_config(cfg)  # set_timesteps changes .sigmas; a fresh one has the training ones
+        return cls(torch.as_tensor(fresh.sigmas[:n]).flip(0), float(n))
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor):
+        s = append_dims(self.sigmas.to(like.device)[t.long().to(like.device)], like.ndim)
+        return 1.0 - s, s
+
+    def to_x0(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, prediction_type: str = "flow"):
+        if prediction_type != "flow":
+            raise ValueError(f"a flow-matching schedule takes the velocity ('flow'), not '{prediction_type}'")
+        _, s = self.alpha_sigma(t, x_t)
+        return x_t.float() - s * out.float()
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """1000 sigma_t, as ``FlowMatchEulerDiscreteScheduler.timesteps`` (what SD3's transformer is trained on)."""
+        return self.sigmas.to(t.device)[t.long()] * self.timestep_scale
+
+    def describe_range(self, t_min: int, t_max: int) -> str:
+        return f"t in [{t_min}, {t_max}] (sigma in [{self.sigmas[t_min]:.3f}, {self.sigmas[t_max]:.3f}])"
+
+
+def schedule_of(scheduler) -> NoiseSchedule:
+    """The schedule of a diffusers scheduler: flow matching for ``FlowMatch*`` schedulers, DDPM for those exposing
+    ``alphas_cumprod``."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return FlowMatchSchedule.from_scheduler(scheduler)
+    return NoiseSchedule.from_scheduler(scheduler)
 
 
 def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None,

@@ -9,8 +9,10 @@ extra rows after the text tokens, so batching, CFG's concatenation and micro-bat
 The prediction type (epsilon or v) is not a family: both SD 1.x/2.x and SDXL teachers can have either, and
 :class:`~sd_dmd.core.denoisers.PredictionDenoiser` converts each to x0.
 
-Families: ``sd`` (``StableDiffusionPipeline``: SD 1.x, SD 2.x base and 768-v) and ``sdxl``
-(``StableDiffusionXLPipeline``). Anything else is refused before anything is written (:func:`detect_family`).
+Families: ``sd`` (``StableDiffusionPipeline``: SD 1.x, SD 2.x base and 768-v), ``sdxl``
+(``StableDiffusionXLPipeline``) and ``sd3`` (``StableDiffusion3Pipeline``: SD3 and SD3.5, a flow-matching MMDiT; its
+prediction type is ``flow`` and its schedule :class:`~sd_dmd.core.schedule.FlowMatchSchedule`). Anything else is
+refused before anything is written (:func:`detect_family`).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import torch
 
 from sd_dmd.errors import ModelError
 
-SUPPORTED = ("SD 1.x/2.x (StableDiffusionPipeline, epsilon or v-prediction) and SDXL (StableDiffusionXLPipeline, "
-             "epsilon or v-prediction)")
+SUPPORTED = ("SD 1.x/2.x (StableDiffusionPipeline, epsilon or v-prediction), SDXL (StableDiffusionXLPipeline, "
+             "epsilon or v-prediction) and SD3/SD3.5 (StableDiffusion3Pipeline, flow matching)")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -33,7 +35,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class Components:
     """A teacher's parts, as its pipeline holds them."""
 
-    unet: object
+    unet: object  # the denoising network: a UNet (SD, SDXL) or a transformer (SD3), shared by the three roles
     vae: object
     text_encoders: list  # one (SD) or two (SDXL), in the pipeline's order
     tokenizers: list
@@ -122,13 +124,68 @@ class SDXLText:
         return self.pack(embeds, pooled)
 
 
+class SD3Text:
+    """SD3/SD3.5: CLIP-L's and CLIP-G's penultimate hidden states concatenated and zero-padded to T5's width, then
+    T5's tokens (``max_sequence_length``, 256), and the pooled embedding: both CLIPs' projected outputs
+    concatenated. Computed by ``StableDiffusion3Pipeline.encode_prompt`` itself (a pipeline object over the same
+    components: nothing copied), so it is the pipeline's conditioning by construction, T5-less pipelines (zeros)
+    included. The unconditional branch is the encoding of "", as the pipeline makes it without a negative prompt.
+    The pooled embedding travels in ``extra_rows`` zero-padded rows after the tokens, as :class:`SDXLText` packs."""
+
+    max_sequence_length = 256  # StableDiffusion3Pipeline's default
+
+    def __init__(self, components: "Components"):
+        from diffusers import StableDiffusion3Pipeline
+
+        te = components.text_encoders + [None] * (3 - len(components.text_encoders))
+        tok = components.tokenizers + [None] * (3 - len(components.tokenizers))
+        self.pipe = StableDiffusion3Pipeline(transformer=components.unet, scheduler=components.scheduler,
+                                             vae=components.vae, text_encoder=te[0], tokenizer=tok[0],
+                                             text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2],
+                                             tokenizer_3=tok[2])
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pooled_dim = sum(e.config.projection_dim for e in te[:2])
+        self.width = components.unet.config.joint_attention_dim
+        self.extra_rows = math.ceil(self.pooled_dim / self.width)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        b = embeds.shape[0]
+        extra = torch.nn.functional.pad(pooled.to(embeds.dtype), (0, self.extra_rows * self.width - self.pooled_dim))
+        return torch.cat([embeds, extra.view(b, self.extra_rows, self.width)], dim=1)
+
+    def uncond(self) -> torch.Tensor:
+        return self.encode([""])
+
+    def unet_kwargs(self, cond: torch.Tensor) -> dict:
+        pooled = cond[:, -self.extra_rows:].reshape(cond.shape[0], -1)[:, :self.pooled_dim]
+        return {"encoder_hidden_states": cond[:, :-self.extra_rows], "pooled_projections": pooled}
+
+
 # ----- the families ------------------------------------------------------------------------------------------------
+# SD3's LoRA targets: every attention projection of the joint blocks (image and text streams, and SD3.5-Medium's
+# second image attention `attn2`) and both streams' MLPs; the names diffusers' SD3 LoRA training script adapts, with
+# the MLPs, all of which StableDiffusion3Pipeline.load_lora_weights loads
+SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+
 @dataclass(frozen=True)
 class Family:
-    name: str  # "sd" or "sdxl"
+    name: str  # "sd", "sdxl" or "sd3"
     pipeline: str  # the diffusers pipeline class
     text_encoders: tuple  # (folder, transformers class) per text encoder, in the pipeline's order
-    tokenizers: tuple  # tokenizer folders
+    tokenizers: tuple  # (folder, transformers class) per tokenizer
+    network: tuple = ("unet", "UNet2DConditionModel")  # the denoising network's folder and diffusers class
+    scheduler: str = "DDPMScheduler"  # the training scheduler built from the pipeline's scheduler config
+    lora_targets: Optional[tuple] = None  # the family's default LoRA targets (None: LCM-LoRA's UNet list)
+
+    @property
+    def flow(self) -> bool:
+        return self.scheduler.startswith("FlowMatch")
 
     def pipeline_class(self):
         import diffusers
@@ -144,39 +201,55 @@ class Family:
                                                      **self.from_pretrained_kwargs(), **kw)
 
     def load_components(self, path: str, revision=None, variant=None, dtype=None, vae: Optional[str] = None):
-        """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM scheduler with the teacher's schedule, each in
-        ``dtype`` as loaded (``dtype=``, not a cast afterwards); ``vae``: a separately saved VAE (at its root)."""
+        """The network (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the training scheduler with the
+        teacher's schedule (DDPM, or flow matching with its shift), each in ``dtype`` as loaded (``dtype=``, not a
+        cast afterwards); ``vae``: a separately saved VAE (at its root)."""
         from sd_dmd.models.vae import load_vae
 
+        import diffusers
         import transformers
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         kw = dict(revision=revision)
         weights = dict(kw, variant=variant, dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        check_prediction_type(scheduler.config, path)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
+        self.prediction_type(scheduler.config, path)
+        folder, cls = self.network
+        unet = getattr(diffusers, cls).from_pretrained(path, subfolder=folder, **weights)
         vae = (load_vae(vae, dtype=dtype, root=True) if vae else
-               AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
+               diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
         encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **weights)
                     for sub, cls in self.text_encoders]
-        tokenizers = [transformers.CLIPTokenizer.from_pretrained(path, subfolder=sub, **kw) for sub in self.tokenizers]
+        tokenizers = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **kw)
+                      for sub, cls in self.tokenizers]
         return Components(unet, vae, encoders, tokenizers, scheduler)
 
+    def prediction_type(self, scheduler_config, path: str) -> str:
+        """What the network predicts: ``flow`` (the velocity) for a flow-matching family, else the scheduler's
+        epsilon or v_prediction (:func:`check_prediction_type`)."""
+        return "flow" if self.flow else check_prediction_type(scheduler_config, path)
+
     def conditioner(self, components: Components, resolution: int, force_zeros: bool = True):
+        if self.name == "sd3":
+            return SD3Text(components)
         if self.name == "sdxl":
             return SDXLText(components.text_encoders, components.tokenizers, resolution, force_zeros)
         return SDText(components.text_encoders, components.tokenizers)
 
     def folders(self) -> tuple:
-        return ("unet", "vae", "scheduler") + tuple(s for s, _ in self.text_encoders) + self.tokenizers
+        return (self.network[0], "vae", "scheduler") + tuple(s for s, _ in self.text_encoders + self.tokenizers)
 
 
-SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",))
+SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), (("tokenizer", "CLIPTokenizer"),))
 SDXL = Family("sdxl", "StableDiffusionXLPipeline",
               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"))
-FAMILIES = {SD.pipeline: SD, SDXL.pipeline: SDXL}
+              (("tokenizer", "CLIPTokenizer"), ("tokenizer_2", "CLIPTokenizer")))
+SD3 = Family("sd3", "StableDiffusion3Pipeline",
+             (("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+              ("text_encoder_3", "T5EncoderModel")),
+             (("tokenizer", "CLIPTokenizer"), ("tokenizer_2", "CLIPTokenizer"), ("tokenizer_3", "T5TokenizerFast")),
+             network=("transformer", "SD3Transformer2DModel"), scheduler="FlowMatchEulerDiscreteScheduler",
+             lora_targets=SD3_LORA_TARGETS)
+FAMILIES = {SD.pipeline: SD, SDXL.pipeline: SDXL, SD3.pipeline: SD3}
 
 
 def model_index(path: str, revision: Optional[str] = None) -> dict:

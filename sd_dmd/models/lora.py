@@ -45,10 +45,14 @@ class LoraSource:
         to CLIPTextModel found ..." warning on every load. The UNet receives the same adapter either way
         (tests/test_model.py, tests/test_lora_forms.py)."""
         where = dict(weight_name=self.file.name) if self.file else {}
-        sd, network_alphas, metadata = pipe.lora_state_dict(str(self.file.parent) if self.file else self.ref,
-                                                            return_lora_metadata=True, **where)
+        out = pipe.lora_state_dict(str(self.file.parent) if self.file else self.ref, return_lora_metadata=True, **where)
+        (sd, metadata), network_alphas = (out, None) if len(out) == 2 else (out[::2], out[1])  # SD3: no alphas
         if not all("lora" in k for k in sd):  # diffusers' own check
             raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+        if getattr(pipe, "transformer", None) is not None:  # SD3: its transformer; its text encoders warn as above
+            pipe.load_lora_into_transformer(sd, transformer=pipe.transformer, metadata=metadata, _pipeline=pipe,
+                                            low_cpu_mem_usage=True)
+            return
         # low_cpu_mem_usage: load_lora_weights' default with the peft and transformers of requirements.txt
         pipe.load_lora_into_unet(sd, network_alphas, pipe.unet, metadata=metadata, _pipeline=pipe,
                                  low_cpu_mem_usage=True)
@@ -74,7 +78,7 @@ def _is_kohya(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return any(k.startswith("lora_unet_") for k in f.keys())
+        return any(k.startswith(("lora_unet_", "lora_transformer_")) for k in f.keys())
 
 
 def resolve_lora(path: str | Path) -> LoraSource:
@@ -119,12 +123,14 @@ def save_lora(model: DMDModel, out_dir: str | Path, name: str = GENERATOR) -> Pa
     """Diffusers-format LoRA (``pytorch_lora_weights.safetensors`` + adapter metadata)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.family.pipeline_class().save_lora_weights(  # StableDiffusion(XL)Pipeline: the same "unet." keys
-        out, unet_lora_layers=adapter_state_dict(model, name),
-        unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict(), safe_serialization=True)
+    net = model.family.network[0]  # StableDiffusion(XL)Pipeline: "unet." keys; StableDiffusion3Pipeline: "transformer."
+    model.family.pipeline_class().save_lora_weights(
+        out, **{f"{net}_lora_layers": adapter_state_dict(model, name),
+                f"{net}_lora_adapter_metadata": model.unet.peft_config[name].to_dict()}, safe_serialization=True)
     if name == GENERATOR:  # how to sample it: python -m sd_dmd.sample and the evaluator read this
+        scheduler = "FlowMatchLCMScheduler" if model.family.flow else "LCMScheduler"
         (out / SAMPLING_FILE).write_text(json.dumps(
-            {"scheduler": "LCMScheduler", "timesteps": list(model.generator_timesteps), "guidance_scale": 0.0}) + "\n")
+            {"scheduler": scheduler, "timesteps": list(model.generator_timesteps), "guidance_scale": 0.0}) + "\n")
     return out
 
 
@@ -133,7 +139,7 @@ def load_adapter(model: DMDModel, name: str, lora_dir: str | Path) -> None:
     from peft import set_peft_model_state_dict
 
     sd = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
-    sd = {k.removeprefix("unet."): v for k, v in sd.items()}
+    sd = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in sd.items()}
     result = set_peft_model_state_dict(model.unet, sd, adapter_name=name)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
     if result.unexpected_keys or missing:
@@ -144,18 +150,27 @@ def load_adapter(model: DMDModel, name: str, lora_dir: str | Path) -> None:
 
 
 def export_kohya(model: DMDModel, path: str | Path, name: str = GENERATOR) -> Path:
-    """kohya-ss keys (``lora_unet_*.lora_down/lora_up.weight``, ``.alpha``) for A1111/ComfyUI.
+    """kohya-ss keys (``lora_unet_*.lora_down/lora_up.weight``, ``.alpha``) for A1111/ComfyUI; for SD3 the
+    ``lora_transformer_*`` keys ComfyUI maps for SD3 (comfy/lora.py, "OneTrainer lora": the diffusers module path with
+    dots as underscores).
 
     diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank; we write the adapter's real alpha.
     """
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    sd = {f"unet.{k}": v for k, v in adapter_state_dict(model, name).items()}
-    kohya = convert_state_dict_to_kohya(sd)
     alpha = float(model.unet.peft_config[name].lora_alpha)
-    for k in kohya:
-        if k.endswith(".alpha"):
-            kohya[k] = torch.tensor(alpha)
+    if model.family.network[0] == "transformer":
+        kohya = {}
+        for k, v in adapter_state_dict(model, name).items():
+            module, kind = k.rsplit(".lora_", 1)
+            key = "lora_transformer_" + module.replace(".", "_")
+            kohya[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
+            kohya[f"{key}.alpha"] = torch.tensor(alpha)
+    else:
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in adapter_state_dict(model, name).items()})
+        for k in kohya:
+            if k.endswith(".alpha"):
+                kohya[k] = torch.tensor(alpha)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -17,10 +17,11 @@ import torch
 import torch.utils.checkpoint
 
 from sd_dmd.core.denoisers import CFGDenoiser, PredictionDenoiser
-from sd_dmd.core.schedule import NoiseSchedule
+from sd_dmd.core.schedule import schedule_of
 from sd_dmd.errors import ModelError
 from sd_dmd.models import lora_calls
-from sd_dmd.models.family import SD, Components, Family, check_prediction_type, detect_family, model_index
+from sd_dmd.models.bottleneck import bottleneck, unet_bottleneck  # noqa: F401 (unet_bottleneck: re-exported)
+from sd_dmd.models.family import SD, Components, Family, detect_family, model_index
 
 GENERATOR, FAKE = "generator", "fake"
 
@@ -48,6 +49,14 @@ class LoraSpec:
         # init_lora_weights="gaussian": A ~ N(0, 1/r), B = 0, so the adapter starts as a zero update
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
                           init_lora_weights="gaussian")
+
+
+def family_targets(spec: LoraSpec, family: Family) -> LoraSpec:
+    """``spec`` with the family's default targets where it has the UNet default (``lora.*.targets`` unset): SD3's
+    attention and MLP projections (family.SD3_LORA_TARGETS) instead of LCM-LoRA's UNet list."""
+    if family.lora_targets and tuple(spec.targets) == DEFAULT_LORA_TARGETS:
+        return LoraSpec(spec.rank, spec.alpha, tuple(family.lora_targets))
+    return spec
 
 
 def _tuner_layers(module: torch.nn.Module) -> list:
@@ -119,36 +128,6 @@ def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def unet_bottleneck(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                    added_cond_kwargs: Optional[dict] = None):
-    """The UNet's forward up to and including the mid block (conv_in, time and added embeddings, down blocks, mid
-    block): what DMD2's discriminator reads ("cls_on_clean_image", ``classify_mode``). The same calls, in the same
-    order, as ``UNet2DConditionModel.forward`` for SD-style UNets and SDXL's (``addition_embed_type="text_time"``:
-    the pooled text embedding and time ids join the time embedding)."""
-    cfg = unet.config
-    if cfg.get("class_embed_type") or cfg.get("addition_embed_type") not in (None, "text_time"):
-        raise ModelError("the GAN head supports SD and SDXL UNets only; this UNet has "
-                         f"class_embed_type={cfg.get('class_embed_type')}, "
-                         f"addition_embed_type={cfg.get('addition_embed_type')}")
-    if unet.mid_block is None:
-        raise ModelError("the GAN head reads the UNet's mid block, and this UNet has none")
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
-                             added_cond_kwargs=added_cond_kwargs or {})
-    emb = emb + aug if aug is not None else emb
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    h = unet.conv_in(sample)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        return unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-    return unet.mid_block(h, emb)
-
-
 def _group_norm(channels: int) -> torch.nn.GroupNorm:
     import math
 
@@ -210,8 +189,8 @@ def unet_predictor(m: "DMDModel", adapter: Optional[str], rows: Optional[list] =
             m._activate(adapter)
             routing = contextlib.nullcontext()
         with routing:
-            out = m.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(m.unet.dtype), t,
-                         **m.text.unet_kwargs(cond)).sample
+            out = m.unet(x_t if torch.is_autocast_enabled(x_t.device.type) else x_t.to(m.unet.dtype),
+                         timestep=m.schedule.model_timestep(t), **m.text.unet_kwargs(cond)).sample
         return out.float()
 
     return predict
@@ -286,7 +265,7 @@ def compile_unet(m: "DMDModel", backend: str = "inductor") -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
     m.unet.compile(backend=backend)
-    m._bottleneck = torch.compile(unet_bottleneck, backend=backend)
+    m._bottleneck = torch.compile(bottleneck, backend=backend)
 
 
 class DMDModel:
@@ -306,8 +285,8 @@ class DMDModel:
         self.generator_timesteps = [conditioning_timestep]  # the few-step sampler's timesteps (training sets them)
         self.real_guidance_scale = real_guidance_scale  # CFG scale of the real score
         self.scheduler = scheduler
-        self.prediction_type = check_prediction_type(scheduler.config, "the teacher")  # epsilon or v_prediction
-        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.prediction_type = family.prediction_type(scheduler.config, "the teacher")  # epsilon, v_prediction, flow
+        self.schedule = schedule_of(scheduler)  # DDPM, or flow matching (core/schedule.py)
         if not 0 <= conditioning_timestep < self.schedule.num_train_timesteps:
             raise ModelError(f"conditioning_timestep must be in [0, {self.schedule.num_train_timesteps - 1}]")
         self.tokenizer = components.tokenizers[0]
@@ -322,7 +301,7 @@ class DMDModel:
         self.text = family.conditioner(components, self.resolution, force_zeros_for_empty_prompt)
         self.base_params = sum(p.numel() for p in unet.parameters())
         self.base_bytes = _nbytes(unet.parameters())
-        self.lora_specs = {GENERATOR: generator_lora, FAKE: fake_lora}
+        self.lora_specs = {k: family_targets(spec, family) for k, spec in ((GENERATOR, generator_lora), (FAKE, fake_lora))}
         with warnings.catch_warnings():
             # peft warns that a second adapter joins the first ("Already found a `peft_config`"): two adapters
             # on one UNet is the design here, so that one warning is dropped, at this call only
@@ -340,11 +319,12 @@ class DMDModel:
         if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_pinning_adapters)
             vae.enable_gradient_checkpointing()
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        if family.network[0] == "unet":
+            from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+            unet.set_attn_processor(AttnProcessor2_0())  # SDPA (SD3's joint attention uses SDPA already)
         self._uncond = None
-        self._bottleneck = unet_bottleneck  # compiled by compile()
+        self._bottleneck = bottleneck  # compiled by compile()
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
@@ -457,8 +437,8 @@ class DMDModel:
         side = resolution // self.vae_factor
         probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device, dtype=self.unet.dtype)
         with torch.no_grad():
-            h = unet_bottleneck(self.unet, probe, torch.zeros(1, device=self.device, dtype=torch.long),
-                                **self.text.unet_kwargs(self.uncond_embedding))
+            t = self.schedule.model_timestep(torch.zeros(1, device=self.device, dtype=torch.long))
+            h = bottleneck(self.unet, probe, t, **self.text.unet_kwargs(self.uncond_embedding))
         self.gan_head = GANHead(h.shape[1], h.shape[-1]).to(self.device)
         return self.gan_head
 
@@ -478,7 +458,7 @@ class DMDModel:
             off = [(layer, (layer._active_adapter, True, None)) for layer in _tuner_layers(self.unet)]
             routing = _adapter_state(off) if features == "teacher" else contextlib.nullcontext()
             with routing, torch.set_grad_enabled(features_grad and torch.is_grad_enabled()):
-                h = self._bottleneck(self.unet, x, t, **self.text.unet_kwargs(cond))
+                h = self._bottleneck(self.unet, x, self.schedule.model_timestep(t), **self.text.unet_kwargs(cond))
             return head(h)
 
         return disc

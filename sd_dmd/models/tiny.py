@@ -184,3 +184,67 @@ def build_sd15_shaped_pipeline(out: str | Path) -> Path:
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
     return out
+
+
+def t5_tokenizer(words: int = 4000):
+    """A T5-style fast tokenizer built offline (the T5 one of SD3 is a 32k SentencePiece model we cannot download):
+    T5's special tokens (<pad> 0, </s> 1, <unk> 2), a Unigram model over the single characters and the first
+    ``words`` whole words of open_clip's CLIP vocabulary, T5's Metaspace pre-tokenizer and its "$A </s>"
+    post-processor, so prompts tokenize as T5's do in shape: word pieces, then </s>, padded with <pad>."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as d:
+        clip_vocab = json.loads((write_clip_tokenizer(d) / "vocab.json").read_text())
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(c) for c in range(33, 127)]
+    seen = set(pieces)
+    for tok in clip_vocab:
+        w = "\u2581" + tok[:-4] if tok.endswith("</w>") and tok[:-4].isalpha() else None
+        if w and w not in seen:
+            seen.add(w)
+            pieces.append(w)
+            if len(pieces) >= words:
+                break
+    uni = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    uni.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    uni.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=uni, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def build_tiny_sd3_pipeline(out_dir: str | Path, *, sample_size: int = 8, seed: int = 0, t5: bool = True) -> Path:
+    """Build and save a small random ``StableDiffusion3Pipeline`` shaped as SD3.5-Medium: an MMDiT with QK RMS-norm
+    and a dual-attention (MMDiT-X) first block, 16 latent channels, a VAE with SD3's scaling and shift factors and no
+    quant convs, CLIP-L- and CLIP-G-like encoders with projections (pooled 16 + 24), a T5 encoder (width 64 > 16 + 24,
+    so the CLIP states are zero-padded as in SD3) with :func:`t5_tokenizer`, and ``FlowMatchEulerDiscreteScheduler``
+    with SD3's shift 3. ``t5=False`` saves it without T5 (the pipeline then uses zeros for T5's tokens)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=40,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    common = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    te = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=16, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=24, **common))
+    tok3 = t5_tokenizer()
+    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8)) if t5 else None
+    tok = clip_tokenizer()
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                             text_encoder_3=te3, tokenizer_3=tok3 if t5 else None).save_pretrained(out)
+    return out

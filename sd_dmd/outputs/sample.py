@@ -33,14 +33,19 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     ``fuse`` merges the LoRA into the UNet weights (no LoRA branches at run time) and ``channels_last`` changes the
     UNet/VAE memory format: the two speed-ups that ``benchmarks/latency.py`` measured and kept (docs/BENCHMARKS.md).
     """
-    from diffusers import DDIMScheduler, LCMScheduler
+    from diffusers import DDIMScheduler, FlowMatchLCMScheduler, LCMScheduler
 
     from sd_dmd.models.family import detect_family
 
-    pipe = detect_family(model, revision).load_pipeline(model, dtype, revision, variant)
+    family = detect_family(model, revision)
+    pipe = family.load_pipeline(model, dtype, revision, variant)
     if lora is not None:
         load_lora(pipe, lora)
-    if scheduler == "lcm":
+    if family.flow:  # SD3: x0 = x_t - sigma v, re-noised to the next sigma with fresh noise, as the trainer samples
+        if scheduler != "lcm":
+            raise ValueError(f"a flow-matching teacher samples with FlowMatchLCMScheduler ('lcm'), not '{scheduler}'")
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "lcm":
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "ddim_trailing":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False,
@@ -52,7 +57,7 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     if fuse and lora is not None:
         pipe.fuse_lora()
     if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        (pipe.transformer if family.flow else pipe.unet).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
 
@@ -87,11 +92,14 @@ def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
 
     Raises ConfigError (a ValueError) for LCM timesteps where the scheduler's sample is not the generator's x0
     (:func:`lcm_timesteps_error`)."""
-    from diffusers import LCMScheduler
+    from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
     from sd_dmd.config import ConfigError
 
     timesteps = [int(t) for t in timesteps]
+    if isinstance(pipe.scheduler, FlowMatchLCMScheduler):
+        return dict(num_inference_steps=len(timesteps), sigmas=flow_sigmas(pipe.scheduler, timesteps),
+                    guidance_scale=0.0)
     if isinstance(pipe.scheduler, LCMScheduler):
         err = lcm_timesteps_error(timesteps, pipe.scheduler.config.timestep_scaling)
         if err:
@@ -102,6 +110,14 @@ def call_kwargs(pipe, timesteps: list[int] = (999,)) -> dict:
         raise ValueError(f"a {len(timesteps)}-step generator samples with LCMScheduler (timesteps={timesteps}); "
                          "ddim_trailing runs one step only")
     return dict(num_inference_steps=1, guidance_scale=0.0)
+
+
+def flow_sigmas(scheduler, timesteps: list[int]) -> list[float]:
+    """The sigmas to give a flow-matching pipeline (``sigmas=``) so that it runs the trainer's indices ``timesteps``:
+    the scheduler shifts what it is given, so it gets the unshifted (t + 1) / T, whose shift is the trainer's
+    sigma_t (:class:`~sd_dmd.core.schedule.FlowMatchSchedule`)."""
+    n = scheduler.config.num_train_timesteps
+    return [(int(t) + 1) / n for t in timesteps]
 
 
 def one_step_call_kwargs(pipe, conditioning_timestep: int = 999) -> dict:
@@ -124,7 +140,8 @@ def one_step_generate(pipe, prompt: str | list[str], *, latents: torch.Tensor | 
     from diffusers import StableDiffusionXLPipeline
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if isinstance(pipe, StableDiffusionXLPipeline):  # its added conditions: the pipeline's own call
+    if isinstance(pipe, StableDiffusionXLPipeline) or getattr(pipe, "unet", None) is None:  # SDXL's added
+        # conditions, SD3's three encoders: the pipeline's own call
         return pipe(prompts, latents=latents, generator=generator, output_type=output_type,
                     **one_step_call_kwargs(pipe, conditioning_timestep)).images
     unet = pipe.unet

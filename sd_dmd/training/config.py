@@ -64,9 +64,10 @@ class DMDConfig:
     ratio_bins: int = field(10, "f-distill: timestep bins in which r is normalised by its mean (FastGen)")
     ratio_ema: float = field(0.5, "f-distill: EMA decay of the per-bin mean ratio and of the mean weight, over "
                                   "steps (the weights use the steps before; FastGen ImageNet-64: 0.5)")
-    fake_loss_weighting: Literal["auto", "eps", "snr+1", "v"] = field(
+    fake_loss_weighting: Literal["auto", "eps", "snr+1", "v", "flow"] = field(
         "auto", "fake-score loss: auto = the teacher's own (eps-MSE for eps teachers, SD's and DMD's; v-MSE for "
-                "v-prediction ones), eps, or snr+1 = v (v-MSE: weights high noise more, learns it)")
+                "v-prediction ones; the velocity MSE for flow-matching ones), eps, snr+1 = v (v-MSE: weights high noise "
+                "more, learns it), or flow (1 / sigma^2, the velocity MSE of a flow-matching teacher)")
 
 
 @dataclass
