@@ -271,5 +271,5 @@ def test_help_shows_choices_defaults_and_flags(capsys):
     assert "Literal" not in out and "typing" not in out
     out = _help(generate_pairs.main, capsys)
     assert "--dedupe [{true,false}] drop duplicate captions (default: false)" in out
-    assert "--scheduler {pndm,ddim}" in out and "--dry-run print" in out
+    assert "--scheduler {auto,pndm,ddim,euler}" in out and "--dry-run print" in out
     assert all(f"--{f.name}" in out for f in dataclasses.fields(PairsConfig))

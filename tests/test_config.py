@@ -93,15 +93,19 @@ def test_every_shipped_config_loads_and_says_what_it_trains():
     root = Path(__file__).resolve().parents[1] / "configs"
     cfgs = {p.stem: load_config(Config, ["--config", str(p)])[0] for p in sorted(root.glob("*.yaml"))}
     assert {"digits", "digits_dmd", "digits_dmd2", "digits_dmd2_gan", "digits_dmd2_4step", "sd15_dmd", "sd15_dmd2",
-            "sd15_dmd2_gan", "sd15_dmd2_4step", "sdxl_dmd2", "sdxl_dmd2_4step", "tiny"} <= cfgs.keys()
-    for name, c in cfgs.items():  # DMD2's SDXL runs both have the GAN
-        gan = "gan" in name or "4step" in name or "sdxl" in name or name == "digits"  # digits: the default's GAN
-        assert bool(c.gan.real_latents) == gan, name
-        if gan and not name.startswith("digits"):  # SD1.5/SDXL keep DMD2's published weights
+            "sd15_dmd2_gan", "sd15_dmd2_4step", "sdxl_dmd2", "sdxl_dmd2_4step", "sd35_dmd2", "sd35_dmd2_4step",
+            "tiny"} <= cfgs.keys()
+    for name, c in cfgs.items():  # DMD2's SDXL runs and both SD3.5 runs have the GAN
+        gan = "gan" in name or "4step" in name or "sdxl" in name or "sd35" in name or name == "digits"  # digits: the
+        assert bool(c.gan.real_latents) == gan, name  # default's GAN
+        if "sd35" in name:  # no published SD3.5 GAN weight: the gradient-ratio mode sets it; T5 never loaded
+            assert c.gan.weight_mode == "adaptive" and c.gan.target_ratio > 0 and c.data.text_cache, name
+        elif gan and not name.startswith("digits"):  # SD1.5/SDXL keep DMD2's published weights
             assert c.gan.weight_mode == "fixed" and c.gan.discriminator_weight == 1e-2, name
         assert len(c.dmd.generator_timesteps) == (4 if "4step" in name else 1), name
-        if "dmd2" in name:  # sdxl_dmd2 keeps DMD2's regression pre-training of its one-step SDXL, in the same run
-            assert (c.regression.loss == "none") != (name == "sdxl_dmd2") and c.dmd.fake_updates_per_step > 1, name
+        if "dmd2" in name:  # sdxl_dmd2 and sd35_dmd2 keep DMD2's regression pre-training of its one-step SDXL, in
+            one_step_regression = name in ("sdxl_dmd2", "sd35_dmd2")  # the same run
+            assert (c.regression.loss == "none") != one_step_regression and c.dmd.fake_updates_per_step > 1, name
         if "sdxl" in name:
             assert c.model.resolution == 1024 and c.gan.generator_weight == 5e-3 and c.dmd.real_guidance_scale == 8
     assert cfgs["sdxl_dmd2"].dmd.generator_timesteps == [399]

@@ -144,9 +144,11 @@ def test_one_and_four_step_loras_in_a_fresh_pipeline_reproduce_the_trainers_samp
 
 def test_kohya_file_follows_comfyuis_key_rule_and_loads_in_diffusers(pipe_dir, tmp_path):
     """ComfyUI (comfy/lora.py, model_lora_keys_unet) maps ``lora_unet_`` + a diffusers UNet weight's module path with
-    dots as underscores to that weight, for SD and SDXL UNets alike: every module of the file must be one of those,
-    with down/up shapes that fit it and its alpha."""
-    from sd_dmd.models.lora import export_kohya
+    dots as underscores to that weight, for SD and SDXL UNets alike, and ``lora_transformer_`` + an SD3 transformer
+    weight's path the same way ("OneTrainer lora"): every module of the file must be one of those, with down/up
+    shapes that fit it and its alpha. SD and SDXL: diffusers loads the file and samples as the trainer; SD3 (whose
+    diffusers loader reads no kohya keys): its down/up are the diffusers file's lora_A/lora_B."""
+    from sd_dmd.models.lora import adapter_state_dict, export_kohya
     from sd_dmd.outputs.sample import one_step_call_kwargs, one_step_pipeline
 
     m = _model(pipe_dir)
@@ -154,7 +156,8 @@ def test_kohya_file_follows_comfyuis_key_rule_and_loads_in_diffusers(pipe_dir, t
     path = export_kohya(m, tmp_path / "kohya" / "lora.safetensors")
     weights = {n.removesuffix(".base_layer.weight").removesuffix(".weight"): p
                for n, p in m.unet.named_parameters() if "lora_" not in n and n.endswith("weight")}
-    comfy = {"lora_unet_" + k.replace(".", "_"): k for k in weights}
+    prefix = "lora_transformer_" if m.family.flow else "lora_unet_"
+    comfy = {prefix + k.replace(".", "_"): k for k in weights}
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         modules = {k.split(".", 1)[0] for k in keys}
@@ -163,7 +166,14 @@ def test_kohya_file_follows_comfyuis_key_rule_and_loads_in_diffusers(pipe_dir, t
             down, up = f.get_tensor(f"{mod}.lora_down.weight"), f.get_tensor(f"{mod}.lora_up.weight")
             w = weights[comfy[mod]]
             assert (up.shape[0], down.shape[1]) == (w.shape[0], w.shape[1]) and f.get_tensor(f"{mod}.alpha") == 8.0
+        if m.family.flow:
+            sd = adapter_state_dict(m, GENERATOR)
+            for mod in modules:
+                assert torch.equal(f.get_tensor(f"{mod}.lora_down.weight"), sd[f"{comfy[mod]}.lora_A.weight"])
+                assert torch.equal(f.get_tensor(f"{mod}.lora_up.weight"), sd[f"{comfy[mod]}.lora_B.weight"])
     assert len(modules) == len({n.split(".lora_A")[0] for n in m.adapter_named_parameters(GENERATOR) if ".lora_A" in n})
+    if m.family.flow:
+        return
     z = _z(4)
     ref = m.generate(z, m.encode_prompts(PROMPTS)).detach()
     pipe = one_step_pipeline(pipe_dir, None)
@@ -201,7 +211,7 @@ def test_pairs_are_the_plain_pipelines_latents(pipe_dir, inputs):
     from sd_dmd.models.teacher import teacher_latents, teacher_pipeline
 
     z, got, prompts = PairsStore(inputs["pairs"]).batch([0, 1], verify=True)
-    pipe = teacher_pipeline(pipe_dir, "pndm", torch.float32, "cpu")
+    pipe = teacher_pipeline(pipe_dir, "auto", torch.float32, "cpu")  # PNDM; SD3: its own flow Euler
     want = teacher_latents(pipe, list(prompts), z, 3, 3.0, 16)
     assert (got - want).abs().max().item() <= 2e-3 * max(1.0, want.abs().max().item())  # fp16 storage
 
@@ -243,12 +253,15 @@ def test_pairs_training_with_and_without_the_gan_resume_and_export(pipe_dir, inp
     card = (tmp_path / "b" / "final" / "README.md").read_text()
     assert resumed.model.family.pipeline + ".from_pretrained" in card
     pipe = one_step_pipeline(pipe_dir, str(tmp_path / "b"))
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     fused = one_step_pipeline(pipe_dir, None)
-    fused.unet = UNet2DConditionModel.from_pretrained(tmp_path / "fused")
-    kw = dict(latents=_z(), output_type="latent", height=16, width=16, **call_kwargs(pipe, [999, 499]))
+    folder, cls = resumed.model.family.network  # the fused UNet, or SD3's fused transformer
+    setattr(fused, folder, getattr(diffusers, cls).from_pretrained(tmp_path / "fused"))
+    kw = dict(latents=_z(0, pipe_dir), output_type="latent", height=16, width=16, **call_kwargs(pipe, [999, 499]))
+    torch.manual_seed(1)  # SD3's FlowMatchLCMScheduler re-noises from the global RNG
     a = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), **kw).images
+    torch.manual_seed(1)
     b = fused(PROMPTS, generator=torch.Generator().manual_seed(1), **kw).images
     assert (a - b).abs().max().item() <= 1e-4
 

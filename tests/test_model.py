@@ -56,7 +56,7 @@ def test_loras_start_as_teacher(tiny_model):
 
 def test_describe_counts(tiny_model):
     text = tiny_model.describe()
-    assert "base UNet" in text and "LoRA 'generator'" in text and "LoRA 'fake'" in text
+    assert "base UNet2DConditionModel" in text and "LoRA 'generator'" in text and "LoRA 'fake'" in text
 
 
 def test_generator_step_changes_only_generator_lora(tiny_model):

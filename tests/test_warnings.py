@@ -92,7 +92,7 @@ print(json.dumps({"tried": tried, "helps": helps}))
 """
 
 COMMANDS = [("path", "generate_pairs.py"), ("path", "train_text2image.py")] + [
-    ("module", f"sd_dmd.{m}") for m in ("encode_images", "sample", "evaluate", "export", "demo", "toy", "tiny",
+    ("module", f"sd_dmd.{m}") for m in ("encode_images", "cache_text", "sample", "evaluate", "export", "demo", "toy", "tiny",
                                         "verify_store", "report", "app")]
 
 

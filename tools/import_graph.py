@@ -24,8 +24,8 @@ LAYERS = [
     ("outputs", ["sd_dmd.outputs"]),  # sampling, export, the model card
     ("training", ["sd_dmd.training"]),  # config, draws, checkpoint state, start checks, the loop
     ("evaluation", ["sd_dmd.evaluation"]),  # prompt-set metrics, the digits instrument
-    ("commands", ["sd_dmd.encode_images", "sd_dmd.sample", "sd_dmd.evaluate", "sd_dmd.export", "sd_dmd.verify_store",
-                  "sd_dmd.demo", "sd_dmd.toy", "sd_dmd.tiny", "sd_dmd.app", "sd_dmd.report"]),
+    ("commands", ["sd_dmd.encode_images", "sd_dmd.cache_text", "sd_dmd.sample", "sd_dmd.evaluate", "sd_dmd.export",
+                  "sd_dmd.verify_store", "sd_dmd.demo", "sd_dmd.toy", "sd_dmd.tiny", "sd_dmd.app", "sd_dmd.report"]),
 ]
 
 

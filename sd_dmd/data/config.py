@@ -25,7 +25,9 @@ class PairsConfig:
                                                 "(tar shards: JSON fields, then txt, the .txt member)")
     guidance_scale: float = field(3.0, "teacher CFG scale, the same as the real score's (paper: 3)")
     num_inference_steps: int = field(50, "teacher sampling steps (paper: 50)")
-    scheduler: Literal["pndm", "ddim"] = field("pndm", "teacher sampler (paper: PNDM)")
+    scheduler: Literal["auto", "pndm", "ddim", "euler"] = field(
+        "auto", "teacher sampler: auto = PNDM for SD/SDXL (the paper's), euler for SD3 (its own flow-matching Euler, "
+                "the only one a flow-matching teacher takes)")
     resolution: int = field(512, "image resolution; latents are resolution / 8")
     batch_size: int = field(8, "prompts per teacher call")
     seed: int = field(0, "base seed; pair i's noise is seeded from (seed, i)")
@@ -116,3 +118,31 @@ class EncodeConfig:
                 raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TextCacheConfig:
+    """Settings of ``python -m sd_dmd.cache_text`` (flat: ``--shard_size 256``)."""
+
+    prompts: list[str] = field(default_factory=list, help="prompt files, as generate_pairs.py reads them (every "
+                                                          "caption, unfiltered, de-duplicated)")
+    extra_prompts: list[str] = field(default_factory=list, help="prompts to add, e.g. the run's validation prompts")
+    pretrained_model_name_or_path: str = field(SD15, "teacher: diffusers dir or hub id (its text encoders only)")
+    revision: Optional[str] = field(None, "hub revision of the teacher")
+    variant: Optional[str] = field(None, "weight variant, e.g. fp16")
+    caption_column: Optional[str] = field(None, "caption column; auto-detected when absent")
+    output_dir: str = field("text_cache", "the cache directory (created, or resumed when it exists)")
+    resolution: Optional[int] = field(None, "SDXL only: the training resolution (its time ids are in the "
+                                            "conditioning); default the model's")
+    dtype: Literal["fp16", "fp32"] = field("fp16", "storage dtype of the conditionings (fp32: bit-equal to "
+                                                   "encoding in fp32 during training; fp16: half the disk)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "text encoders' compute dtype")
+    batch_size: int = field(16, "prompts per encoder call")
+    shard_size: int = field(256, "prompts per shard (the unit of atomic writes and of resume)")
+
+    def validate(self):
+        if not self.prompts and not self.extra_prompts:
+            raise ConfigError("prompts: at least one prompt file (--prompts FILE) or --extra_prompts is required")
+        for k in ("batch_size", "shard_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")

@@ -35,7 +35,7 @@ from sd_dmd.data.store import (MANIFEST, BackgroundShardWriter, ShardedStore, at
                                shard_path, store_bytes, write_manifest, write_parquet)
 from sd_dmd.errors import PairsError
 from sd_dmd.models.teacher import (count_truncated, quiet_truncation_warning, same_teacher, teacher_identity,
-                                   teacher_latents, teacher_pipeline)
+                                   network, teacher_latents, teacher_pipeline)
 
 FORMAT = "sd_dmd.pairs/1"
 PROMPTS_FILE = "prompts.jsonl"
@@ -312,8 +312,10 @@ def generate_pairs(cfg, log=print) -> PairsStats:
     vae_factor = pipe.vae_scale_factor
     if cfg.resolution % vae_factor:
         raise PairsError(f"resolution {cfg.resolution} is not a multiple of the VAE factor {vae_factor}")
-    latent_shape = (pipe.unet.config.in_channels, cfg.resolution // vae_factor, cfg.resolution // vae_factor)
-    manifest = open_store(out, manifest_for(cfg, teacher_identity(pipe.unet), prompts, prompt_files, latent_shape),
+    net = network(pipe)
+    cfg.scheduler = pipe.sd_dmd_scheduler  # "auto" resolved: the manifest names the sampler used
+    latent_shape = (net.config.in_channels, cfg.resolution // vae_factor, cfg.resolution // vae_factor)
+    manifest = open_store(out, manifest_for(cfg, teacher_identity(net), prompts, prompt_files, latent_shape),
                           prompts, state, log)
     ordered = [prompts[j] for j in prompt_order(cfg.seed, len(prompts))] if cfg.shuffle_prompts else prompts
 

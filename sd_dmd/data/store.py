@@ -156,7 +156,8 @@ class ShardedStore:
         import pyarrow.parquet as pq
 
         self.latent_shape = tuple(self.manifest["latent_shape"])
-        self._latent_bytes = int(np.prod(self.latent_shape)) * np.dtype(np.float16).itemsize
+        self._latent_dtype = np.dtype(self.manifest.get("latent_dtype") or "float16")  # fp16; a text cache's may be fp32
+        self._latent_bytes = int(np.prod(self.latent_shape)) * self._latent_dtype.itemsize
         self._shards: list[Path] = []
         self._group_starts: list[np.ndarray] = []  # first row of each row group, per shard
         self.unverifiable: list[Path] = []  # shards written without row digests (older stores)
@@ -206,6 +207,12 @@ class ShardedStore:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def column_values(self, name: str) -> list:
+        """One small column (captions, prompts) of every row, in shard order: one read of that column alone."""
+        import pyarrow.parquet as pq
+
+        return [v for p in self._shards for v in pq.read_table(p, columns=[name]).column(0).to_pylist()]
+
     def rows(self, rows: Sequence[int]) -> dict:
         """The columns (lists; ``latent`` an fp16 array, N x C x H x W) of the given row positions (0 <= row <
         len(self), in index order), read from the row groups that hold them."""
@@ -222,7 +229,7 @@ class ShardedStore:
             by_group.setdefault((s, g), []).append(j)
         lists = [c for c in self._COLUMNS if c != "latent"]
         out = {c: [None] * len(rows) for c in lists}
-        latent = np.empty((len(rows), *self.latent_shape), np.float16)
+        latent = np.empty((len(rows), *self.latent_shape), self._latent_dtype)
         for s in sorted({s for s, _ in by_group}):
             path = self._shards[s]
             columns = self._COLUMNS + [DIGEST_COLUMN] * self._digested[s]
@@ -246,7 +253,7 @@ class ShardedStore:
                             raise self._error(f"{path}: {self._row_name} {index} holds "
                                               f"{buf.size} latent bytes, the manifest's shape "
                                               f"{list(self.latent_shape)} needs {self._latent_bytes}")
-                        latent[j] = np.frombuffer(buf, np.float16).reshape(self.latent_shape)
+                        latent[j] = np.frombuffer(buf, self._latent_dtype).reshape(self.latent_shape)
             except self._error:
                 raise
             except Exception as e:

@@ -179,7 +179,13 @@ def _render(cfg: EvalConfig, todo: list, state) -> None:
     pipe = build_pipeline(cfg, state.device)
     kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
               width=cfg.resolution)
-    if cfg.scheduler == "lcm":
+    if cfg.scheduler == "lcm" and type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler":  # SD3: sigmas, not t
+        from sd_dmd.outputs.sample import flow_sigmas
+
+        ts = cfg.timesteps or [cfg.conditioning_timestep] * (cfg.steps == 1) or None
+        if ts:
+            kw["sigmas"] = flow_sigmas(pipe.scheduler, ts)
+    elif cfg.scheduler == "lcm":
         kw["timesteps"] = cfg.timesteps or ([cfg.conditioning_timestep] if cfg.steps == 1 else None)
         if kw["timesteps"]:
             from sd_dmd.outputs.sample import fit_lcm_grid
@@ -188,6 +194,7 @@ def _render(cfg: EvalConfig, todo: list, state) -> None:
     for b in tqdm(range(0, len(todo), cfg.batch_size), disable=not state.is_main_process, desc="images"):
         batch = todo[b:b + cfg.batch_size]
         gens = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+        torch.manual_seed(batch[0][2])  # what a pipeline draws without its generator (SD3's few-step re-noising)
         images = pipe([c for _, c, _ in batch], generator=gens, **kw).images
         for (path, _, _), im in zip(batch, images):
             tmp = path.with_name(path.stem + ".tmp.png")

@@ -83,12 +83,18 @@ class SDXLText:
     time ids. The three travel as one tensor (B, 77 + k, D): the text tokens, then ``k`` rows holding the pooled
     embedding and the time ids (zero-padded), so every batch operation of the trainer works on it unchanged."""
 
-    def __init__(self, text_encoders: list, tokenizers: list, resolution: int, force_zeros: bool = True):
+    def __init__(self, text_encoders: list, tokenizers: list, resolution: int, force_zeros: bool = True,
+                 unet=None):
         self.text_encoders, self.tokenizers = text_encoders, tokenizers
         self.time_ids = _time_ids(resolution)
         self.force_zeros = force_zeros
-        self.pooled_dim = text_encoders[-1].config.projection_dim
-        self.width = sum(te.config.hidden_size for te in text_encoders)
+        if text_encoders:
+            self.pooled_dim = text_encoders[-1].config.projection_dim
+            self.width = sum(te.config.hidden_size for te in text_encoders)
+        else:  # no encoders loaded (data.text_cache): the same sizes, as the UNet takes them
+            self.pooled_dim = (unet.config.projection_class_embeddings_input_dim
+                               - len(self.time_ids) * unet.config.addition_time_embed_dim)
+            self.width = unet.config.cross_attention_dim
         self.extra_rows = math.ceil((self.pooled_dim + len(self.time_ids)) / self.width)
 
     def pack(self, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -144,7 +150,7 @@ class SD3Text:
                                              text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2],
                                              tokenizer_3=tok[2])
         self.pipe.set_progress_bar_config(disable=True)
-        self.pooled_dim = sum(e.config.projection_dim for e in te[:2])
+        self.pooled_dim = components.unet.config.pooled_projection_dim  # CLIP-L's + CLIP-G's projections
         self.width = components.unet.config.joint_attention_dim
         self.extra_rows = math.ceil(self.pooled_dim / self.width)
 
@@ -200,10 +206,12 @@ class Family:
         return self.pipeline_class().from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
                                                      **self.from_pretrained_kwargs(), **kw)
 
-    def load_components(self, path: str, revision=None, variant=None, dtype=None, vae: Optional[str] = None):
+    def load_components(self, path: str, revision=None, variant=None, dtype=None, vae: Optional[str] = None,
+                        text_encoders: bool = True):
         """The network (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the training scheduler with the
         teacher's schedule (DDPM, or flow matching with its shift), each in ``dtype`` as loaded (``dtype=``, not a
-        cast afterwards); ``vae``: a separately saved VAE (at its root)."""
+        cast afterwards); ``vae``: a separately saved VAE (at its root); ``text_encoders=False``: none loaded (training
+        from ``data.text_cache``: T5-XXL alone is 4.7 B parameters)."""
         from sd_dmd.models.vae import load_vae
 
         import diffusers
@@ -218,10 +226,28 @@ class Family:
         vae = (load_vae(vae, dtype=dtype, root=True) if vae else
                diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
         encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **weights)
-                    for sub, cls in self.text_encoders]
+                    for sub, cls in self.text_encoders] if text_encoders else []
         tokenizers = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **kw)
                       for sub, cls in self.tokenizers]
         return Components(unet, vae, encoders, tokenizers, scheduler)
+
+    def load_text_components(self, path: str, revision=None, variant=None, dtype=None) -> Components:
+        """What encoding prompts needs: the text encoders and tokenizers, the scheduler, and the network built from
+        its config on the meta device (its sizes only: no weights read or allocated); no VAE."""
+        import diffusers
+        import transformers
+        from accelerate import init_empty_weights
+
+        kw = dict(revision=revision)
+        folder, cls = self.network
+        net_cls = getattr(diffusers, cls)
+        with init_empty_weights():
+            net = net_cls.from_config(net_cls.load_config(path, subfolder=folder, **kw))
+        encoders = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw, variant=variant, dtype=dtype)
+                    for sub, c in self.text_encoders]
+        tokenizers = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw) for sub, c in self.tokenizers]
+        scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
+        return Components(net, None, encoders, tokenizers, scheduler)
 
     def prediction_type(self, scheduler_config, path: str) -> str:
         """What the network predicts: ``flow`` (the velocity) for a flow-matching family, else the scheduler's
@@ -232,7 +258,7 @@ class Family:
         if self.name == "sd3":
             return SD3Text(components)
         if self.name == "sdxl":
-            return SDXLText(components.text_encoders, components.tokenizers, resolution, force_zeros)
+            return SDXLText(components.text_encoders, components.tokenizers, resolution, force_zeros, components.unet)
         return SDText(components.text_encoders, components.tokenizers)
 
     def folders(self) -> tuple:

@@ -167,8 +167,9 @@ def _nbytes(params) -> int:
 def describe(m: "DMDModel") -> str:
     """The teacher, the frozen base and the two adapters, with their sizes (printed at the start of a run)."""
     lines = [f"teacher: {m.family.pipeline} ({m.prediction_type}), {m.resolution} px, "
-             f"{len(m.text_encoders)} text encoder{'s' if len(m.text_encoders) > 1 else ''}",
-             f"base UNet (frozen, {str(m.weight_dtype).replace('torch.', '')}): "
+             f"{len(m.text_encoders)} text encoder{'s' if len(m.text_encoders) != 1 else ''}"
+             + (" (prompts from the text cache)" if getattr(m.text, "cache", None) is not None else ""),
+             f"base {m.family.network[1]} (frozen, {str(m.weight_dtype).replace('torch.', '')}): "
              f"{m.base_params / 1e6:.1f}M params, {m.base_bytes / 2**20:.1f} MiB"]
     for name, spec in m.lora_specs.items():
         ps = m.adapter_parameters(name)
@@ -296,7 +297,7 @@ class DMDModel:
             if m.dtype != weight_dtype:  # loaded in another dtype (from_pretrained loads in weight_dtype)
                 m.to(dtype=weight_dtype)
             m.to(self.device)
-        self.unet, self.vae, self.text_encoder = unet, vae, self.text_encoders[0]
+        self.unet, self.vae = unet, vae
         self.resolution = resolution or int(unet.config.sample_size) * self.vae_factor
         self.text = family.conditioner(components, self.resolution, force_zeros_for_empty_prompt)
         self.base_params = sum(p.numel() for p in unet.parameters())
@@ -319,21 +320,21 @@ class DMDModel:
         if gradient_checkpointing:  # the VAE too: LPIPS regression backpropagates through its decoder
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_pinning_adapters)
             vae.enable_gradient_checkpointing()
-        if family.network[0] == "unet":
+        if family.network[0] == "unet":  # SDPA (SD3's joint attention uses SDPA already)
             from diffusers.models.attention_processor import AttnProcessor2_0
-
-            unet.set_attn_processor(AttnProcessor2_0())  # SDPA (SD3's joint attention uses SDPA already)
+            unet.set_attn_processor(AttnProcessor2_0())
         self._uncond = None
         self._bottleneck = bottleneck  # compiled by compile()
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: Optional[str] = None, variant: Optional[str] = None,
-                        vae: Optional[str] = None, **kw):
+                        vae: Optional[str] = None, text_encoders: bool = True, **kw):
         """Load a teacher of any supported family (refused in one line otherwise); ``vae``: a separately saved VAE
         (e.g. an fp16-safe SDXL VAE) instead of the pipeline's."""
         index = model_index(path, revision)  # once: the family, and SDXL's force_zeros_for_empty_prompt
         family = detect_family(path, revision, index)
-        comps = family.load_components(path, revision, variant, kw.get("weight_dtype", torch.float32), vae)
+        comps = family.load_components(path, revision, variant, kw.get("weight_dtype", torch.float32), vae,
+                                       text_encoders)
         return cls(comps, family, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), **kw)
 
     @property

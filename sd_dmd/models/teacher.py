@@ -12,21 +12,44 @@ import torch
 from sd_dmd.errors import PairsError
 
 
+def resolve_scheduler(family, scheduler: str, path: str) -> str:
+    """``auto``: PNDM (the paper's) for DDPM families, ``euler`` (the pipeline's own FlowMatchEulerDiscreteScheduler)
+    for flow-matching ones; a DDPM sampler for a flow teacher, or Euler for a DDPM one, is refused."""
+    if scheduler == "auto":
+        return "euler" if family.flow else "pndm"
+    if family.flow != (scheduler == "euler"):
+        raise PairsError(f"{path}: a {family.pipeline} samples with --scheduler "
+                         f"{'euler' if family.flow else 'pndm or ddim'}, not {scheduler}")
+    return scheduler
+
+
+def network(pipe):
+    """The pipeline's denoising network: its UNet, or its transformer (SD3)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revision=None, variant=None):
-    """The plain diffusers pipeline of the teacher's family (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
-    used as the 50-step teacher (PNDM as in the paper, or DDIM), epsilon or v-prediction."""
+    """The plain diffusers pipeline of the teacher's family (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline``) used as the 50-step teacher: PNDM as in the paper, or DDIM, epsilon or
+    v-prediction; SD3 with its own flow-matching Euler (:func:`resolve_scheduler`). The sampler used is
+    ``pipe.sd_dmd_scheduler``."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
-    from sd_dmd.models.family import check_prediction_type, detect_family
+    from sd_dmd.models.family import detect_family
 
-    pipe = detect_family(path, revision).load_pipeline(path, dtype, revision, variant)
-    check_prediction_type(pipe.scheduler.config, path)
-    if scheduler == "pndm":
+    family = detect_family(path, revision)
+    scheduler = resolve_scheduler(family, scheduler, path)
+    pipe = family.load_pipeline(path, dtype, revision, variant)
+    family.prediction_type(pipe.scheduler.config, path)
+    pipe.sd_dmd_scheduler = scheduler
+    if scheduler == "euler":
+        pass  # the pipeline's own FlowMatchEulerDiscreteScheduler, with its shift
+    elif scheduler == "pndm":
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     elif scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     else:
-        raise PairsError(f"unknown scheduler '{scheduler}' (pndm or ddim)")
+        raise PairsError(f"unknown scheduler '{scheduler}' (auto, pndm, ddim or euler)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -35,7 +58,7 @@ def teacher_pipeline(path: str, scheduler: str, dtype: torch.dtype, device, revi
 def teacher_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
                     resolution: int) -> torch.Tensor:
     """The teacher's final latents from the given noise: exactly ``pipe(..., output_type="latent")``."""
-    return pipe(prompts, latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=steps,
+    return pipe(prompts, latents=noise.to(pipe.device, network(pipe).dtype), num_inference_steps=steps,
                 guidance_scale=guidance, height=resolution, width=resolution, output_type="latent").images
 
 

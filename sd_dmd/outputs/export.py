@@ -55,7 +55,7 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     """Load ``model``'s UNet, load ``lora`` (any :func:`sd_dmd.sample.resolve_lora` form) with the rank/alpha saved
     with it, merge it and ``save_pretrained`` a plain UNet at ``out_dir`` (written to ``out_dir.tmp``, then renamed).
     Returns what was fused: source, rank, alpha and where they came from."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     from sd_dmd.errors import ModelError
     from sd_dmd.models.family import detect_family
@@ -65,17 +65,23 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     if out.exists():
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
     src = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
-    pipeline_cls = detect_family(model, revision).pipeline_class()  # StableDiffusion(XL)Pipeline
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant).float()
+    family = detect_family(model, revision)
+    pipeline_cls = family.pipeline_class()  # StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline
+    folder, cls = family.network  # the UNet, or SD3's transformer
+    unet = getattr(diffusers, cls).from_pretrained(model, subfolder=folder, revision=revision, variant=variant).float()
     where = dict(weight_name=src.file.name) if src.file else {}
-    sd, network_alphas, metadata = pipeline_cls.lora_state_dict(
-        str(src.file.parent) if src.file else src.ref, return_lora_metadata=True, **where)
-    try:  # as StableDiffusionPipeline.load_lora_weights, for the UNet alone
-        pipeline_cls.load_lora_into_unet(sd, network_alphas, unet, adapter_name=GENERATOR, metadata=metadata)
+    loaded = pipeline_cls.lora_state_dict(str(src.file.parent) if src.file else src.ref, return_lora_metadata=True,
+                                          **where)
+    (sd, metadata), network_alphas = (loaded, None) if len(loaded) == 2 else (loaded[::2], loaded[1])
+    try:  # as the pipeline's load_lora_weights, for the network alone
+        if folder == "transformer":
+            pipeline_cls.load_lora_into_transformer(sd, unet, adapter_name=GENERATOR, metadata=metadata)
+        else:
+            pipeline_cls.load_lora_into_unet(sd, network_alphas, unet, adapter_name=GENERATOR, metadata=metadata)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"{src}: does not fit the UNet of {model} ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ModelError(f"{src}: does not fit the {cls} of {model} ({type(e).__name__}: {str(e)[:200]})") from None
     if GENERATOR not in getattr(unet, "peft_config", {}):
-        raise ModelError(f"{src}: holds no UNet LoRA weights")
+        raise ModelError(f"{src}: holds no {cls} LoRA weights")
     cfg = unet.peft_config[GENERATOR]
     info = {"lora": str(src), "rank": cfg.r, "alpha": cfg.lora_alpha,
             "rank_alpha_from": "adapter metadata" if metadata else "kohya .alpha keys" if network_alphas else
@@ -88,7 +94,8 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp, safe_serialization=True)
     info["timesteps"] = src.timesteps or [999]
-    (tmp / SAMPLING_FILE).write_text(json.dumps({"scheduler": "LCMScheduler", "timesteps": info["timesteps"],
+    scheduler = "FlowMatchLCMScheduler" if family.flow else "LCMScheduler"
+    (tmp / SAMPLING_FILE).write_text(json.dumps({"scheduler": scheduler, "timesteps": info["timesteps"],
                                                  "guidance_scale": 0.0}) + "\n")  # how to sample the fused UNet
     tmp.replace(out)
     return info

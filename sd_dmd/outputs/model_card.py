@@ -20,6 +20,11 @@ KNOWN_LICENSES = {
     "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",  # the hub's copy of runwayml's
     **{f"stabilityai/stable-diffusion-2{v}": "openrail++" for v in ("", "-base", "-1", "-1-base")},
+    # SD3 and SD3.5: Stability AI's Community License ("license: other" with its name and link)
+    **{f"stabilityai/{m}": {"license": "other", "license_name": "stabilityai-ai-community",
+                            "license_link": f"https://huggingface.co/stabilityai/{m}/blob/main/LICENSE.md"}
+       for m in ("stable-diffusion-3-medium-diffusers", "stable-diffusion-3.5-medium", "stable-diffusion-3.5-large",
+                 "stable-diffusion-3.5-large-turbo")},
 }
 
 
@@ -95,7 +100,7 @@ def base_license(model: str, base: Optional[str]) -> dict:
             extra = {k: getattr(data, k, None) for k in ("license_name", "license_link")}
             return {"license": data.license, **{k: v for k, v in extra.items() if isinstance(v, str) and v}}
     lic = KNOWN_LICENSES.get((base or "").lower())
-    return {"license": lic} if lic else {}
+    return dict(lic) if isinstance(lic, dict) else {"license": lic} if lic else {}
 
 
 def card_metadata(model: str, base: Optional[str], steps: int, pipeline: str = "StableDiffusionPipeline") -> str:
@@ -103,7 +108,8 @@ def card_metadata(model: str, base: Optional[str], steps: int, pipeline: str = "
     pipeline, tags."""
     from huggingface_hub import ModelCardData
 
-    family = "stable-diffusion-xl" if "XL" in pipeline else "stable-diffusion"
+    family = ("stable-diffusion-xl" if "XL" in pipeline else "stable-diffusion-3" if "3" in pipeline
+              else "stable-diffusion")
     tags = ["lora", "text-to-image", "diffusers", family, "one-step" if steps == 1 else "few-step", "dmd", "sd_dmd"]
     return ModelCardData(base_model=base, library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
                          **base_license(model, base)).to_yaml()
@@ -146,8 +152,22 @@ def teacher_reference(model: str, base: Optional[str]) -> tuple[str, bool]:
 
 
 def use_snippet(pipeline: str, teacher: str, lora: str, prompt: str, steps: int, ts: list[int]) -> str:
-    """The card's Python: load the teacher and the LoRA, sample ``steps`` step(s) with LCMScheduler; CUDA in fp16
-    where there is one, else the CPU in fp32."""
+    """The card's Python: load the teacher and the LoRA, sample ``steps`` step(s) with LCMScheduler (SD3:
+    FlowMatchLCMScheduler at the trainer's sigmas); CUDA in fp16 (SD3: bf16) where there is one, else the CPU in
+    fp32."""
+    if pipeline == "StableDiffusion3Pipeline":
+        sigmas = [(t + 1) / 1000 for t in ts]  # sample.flow_sigmas: the scheduler applies SD3's shift to these
+        seed = ("torch.manual_seed(0)  # SD3's pipeline re-noises between steps from torch's global RNG\n"
+                if steps > 1 else "")
+        return f"""import torch
+from diffusers import {pipeline}, FlowMatchLCMScheduler
+
+device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+pipe = {pipeline}.from_pretrained({json.dumps(teacher)}, dtype=dtype).to(device)
+pipe.load_lora_weights({json.dumps(lora)})
+pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+{seed}image = pipe({json.dumps(prompt)}, num_inference_steps={steps}, sigmas={sigmas}, guidance_scale=0.0).images[0]
+"""
     grid = lcm_original_steps(ts)  # silences LCMScheduler's "not on the original schedule" warning for several steps
     lcm_kw = f", original_inference_steps={grid}" if steps > 1 and grid is not None else ""
     return f"""import torch
@@ -191,12 +211,28 @@ def _curves_section(history: list[dict]) -> str:
 {"".join(f"{chr(10)}Note: {n}{chr(10)}" for n in notes)}"""
 
 
+def _comfy_section(cfg: Config, teacher: str, steps: int, ts: list[int], sd3: bool) -> str:
+    s = "s" if steps > 1 else ""
+    if sd3:  # ComfyUI maps lora_transformer_* to SD3's weights (comfy/lora.py, "OneTrainer lora")
+        sampler = ("the euler sampler, one step (sigma 1 to 0 is x0 itself)" if steps == 1 else
+                   f"the lcm sampler, scheduler \"simple\", {steps} steps (its sigmas are SD3's shifted "
+                   f"{', '.join(f'{(t + 1) / 1000:g}' for t in ts)}: the trainer's)")
+        return f"""ComfyUI: `{KOHYA_FILE}` holds the same LoRA with ComfyUI's SD3 key names (`lora_transformer_*`, `lora_down`/
+`lora_up`, `.alpha` = {cfg.lora.generator.alpha}); ComfyUI also reads `pytorch_lora_weights.safetensors`, but without its alpha. Load it
+with the teacher `{teacher}` as a normal LoRA at strength 1.0 and sample with {sampler}, CFG 1."""
+    return f"""ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
+`lora_up`, `.alpha` = {cfg.lora.generator.alpha}). Load it with the teacher `{teacher}` as a normal LoRA at strength 1.0 and sample
+**{steps} step{s}** with the LCM sampler at timestep{s} {", ".join(map(str, ts))} (scheduler "sgm_uniform"/"simple" in
+ComfyUI{"; with several steps check that the sampler's timesteps are these" if steps > 1 else ""}), CFG 1."""
+
+
 def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples: bool,
                      pipeline: str = "StableDiffusionPipeline", repo_id: Optional[str] = None) -> None:
     """``final/README.md``: teacher, timesteps, settings, curves, and how to load both LoRA files in ``pipeline``.
     No local path appears in it. The snippet loads the LoRA from ``repo_id`` when the run is pushed there."""
     model = cfg.model.pretrained_model_name_or_path
     base = base_model_id(model)
+    sd3 = pipeline == "StableDiffusion3Pipeline"
     teacher, placeholder = teacher_reference(model, base)
     ts = list(cfg.dmd.generator_timesteps)
     steps = len(ts)
@@ -211,7 +247,7 @@ def write_model_card(cfg: Config, final: Path, history: list[dict], has_samples:
 # {"One-step" if steps == 1 else f"{steps}-step"} DMD LoRA for `{teacher}`
 
 Distilled with sd_dmd (Distribution Matching Distillation, Yin et al. 2023, arXiv:2311.18828) into a
-**{"one-step" if steps == 1 else f"{steps}-step"}** generator: LoRA r={cfg.lora.generator.rank}, alpha={cfg.lora.generator.alpha}, on the frozen teacher UNet.
+**{"one-step" if steps == 1 else f"{steps}-step"}** generator: LoRA r={cfg.lora.generator.rank}, alpha={cfg.lora.generator.alpha}, on the frozen teacher {"transformer" if sd3 else "UNet"}.
 
 {_settings_table(cfg, teacher)}
 
@@ -225,10 +261,7 @@ diffusers ({"the repository" if repo_id else "this folder"} holds `pytorch_lora_
 ```python
 {code}```
 {replace}
-ComfyUI / A1111 / kohya: `{KOHYA_FILE}` holds the same LoRA in kohya's key format (`lora_unet_*`, `lora_down`/
-`lora_up`, `.alpha` = {cfg.lora.generator.alpha}). Load it with the teacher `{teacher}` as a normal LoRA at strength 1.0 and sample
-**{steps} step{"s" if steps > 1 else ""}** with the LCM sampler at timestep{"s" if steps > 1 else ""} {", ".join(map(str, ts))} (scheduler "sgm_uniform"/"simple" in
-ComfyUI{"; with several steps check that the sampler's timesteps are these" if steps > 1 else ""}), CFG 1.
+{_comfy_section(cfg, teacher, steps, ts, sd3)}
 {f"{chr(10)}Samples from the final generator (fixed validation prompts and seeds):{chr(10)}{chr(10)}![samples](samples.png)" if has_samples else ""}
 """
     (final / "README.md").write_text(text)

@@ -353,7 +353,8 @@ def main(argv=None):
                  or (lora.timesteps if lora is not None else None) or [999])
     if any(not 0 <= t <= 999 for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
         p.error(f"--timesteps: need decreasing timesteps in [0, 999], got {timesteps}")
-    lcm_err = args.scheduler == "lcm" and lcm_timesteps_error(timesteps, pipe.scheduler.config.timestep_scaling)
+    lcm_err = "timestep_scaling" in pipe.scheduler.config and lcm_timesteps_error(
+        timesteps, pipe.scheduler.config.timestep_scaling)  # LCMScheduler's boundary condition (not SD3's)
     if lcm_err:
         p.error(f"--timesteps: {lcm_err}")
     print(f"loaded LoRA {lora}" if lora is not None else "no LoRA: sampling the base model")
@@ -361,6 +362,7 @@ def main(argv=None):
     images = []
     for i, prompt in enumerate(args.prompt):
         g = [torch.Generator("cpu").manual_seed(args.seed + i * args.num_images + k) for k in range(args.num_images)]
+        torch.manual_seed(args.seed + i * args.num_images)  # SD3's few-step re-noising draws without the generator
         images += pipe([prompt] * args.num_images, generator=g, height=args.height, width=args.width,
                        **guarded(call_kwargs, pipe, timesteps)).images
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,14 @@ def load_model(cfg: Config, device) -> tuple[DMDModel, tuple[int, int, int]]:
         generator_lora=LoraSpec(cfg.lora.generator.rank, cfg.lora.generator.alpha, tuple(cfg.lora.generator.targets)),
         fake_lora=LoraSpec(cfg.lora.fake.rank, cfg.lora.fake.alpha, tuple(cfg.lora.fake.targets)),
         conditioning_timestep=cfg.dmd.conditioning_timestep, real_guidance_scale=cfg.dmd.real_guidance_scale,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, resolution=cfg.model.resolution, vae=cfg.model.vae)
+        gradient_checkpointing=cfg.train.gradient_checkpointing, resolution=cfg.model.resolution, vae=cfg.model.vae,
+        text_encoders=cfg.data.text_cache is None)
+    if cfg.data.text_cache is not None:  # prompts from the cache, the encoders never loaded
+        from sd_dmd.data.text_cache import CachedText, TextCache
+
+        cache = TextCache(cfg.data.text_cache)
+        cache.check_compatible(m.family.name, None, m.resolution)
+        m.text = CachedText(cache, m.text, m.device, m.weight_dtype)
     m.generator_timesteps = list(cfg.dmd.generator_timesteps)
     m.one_call_roles = cfg.train.one_call_roles
     m.fake_guidance, m.fake_conditioning = cfg.dmd.fake_guidance, cfg.dmd.fake_conditioning
@@ -118,7 +125,23 @@ def load_data(cfg: Config, m: DMDModel, device, log) -> Data:
     for s in (store, real_store):  # reads check row digests; an old store has none
         if s is not None and s.verification_note():
             log(s.verification_note())
+    if cfg.data.text_cache is not None:
+        check_text_cache(m.text.cache, prompts, cfg.logging.validation_prompts, real_store)
     return Data(prompts, store, reg_loss, real_store)
+
+
+def check_text_cache(cache, prompts: list[str], validation: list[str], real_store) -> None:
+    """Before the first step: every prompt the run will encode is in ``data.text_cache`` (the DM prompts, the
+    validation prompts, the real latents' captions); the first missing ones are named. (The pairs' prompts are
+    looked up as their batches come.)"""
+    wanted = {"data.prompts": prompts, "logging.validation_prompts": validation}
+    if real_store is not None:
+        wanted["gan.real_latents captions"] = real_store.column_values("caption")
+    for key, texts in wanted.items():
+        miss = cache.missing(texts)
+        if miss:
+            raise ConfigError(f"data.text_cache: {cache.path} lacks {len(miss)} of the {key} (e.g. {miss[0]!r}); make "
+                              "a cache that holds them (python -m sd_dmd.cache_text --prompts ... --extra_prompts ...)")
 
 
 @dataclass

@@ -119,6 +119,9 @@ class DataConfig:
     max_punsafe: Optional[float] = field(None, "keep rows with punsafe <= this")
     max_pwatermark: Optional[float] = field(None, "keep rows with pwatermark <= this")
     dedupe: bool = field(False, "drop duplicate captions")
+    text_cache: Optional[str] = field(None, "prompt conditionings made by python -m sd_dmd.cache_text: no text "
+                                            "encoder is loaded (SD3.5's T5-XXL is 4.7 B parameters); it must hold "
+                                            "every prompt, validation prompt and real-latent caption of the run")
 
 
 @dataclass
