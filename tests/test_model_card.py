@@ -134,3 +134,37 @@ def test_notes_lose_their_paths(tmp_path):
     assert without_paths("resumed from /data/runs/x/checkpoint-5 at step 5 (see docs/HEALTH.md, "
                          "https://hf.co/a/b, ~/w/c)") == ("resumed from checkpoint-5 at step 5 (see docs/HEALTH.md, "
                                                          "https://hf.co/a/b, c)")
+
+
+def test_sd35_card_gives_its_community_license_and_tags(tmp_path):
+    card = _card(tmp_path, "stabilityai/stable-diffusion-3.5-medium")
+    d = card.data
+    assert (d.license, d.license_name) == ("other", "stabilityai-ai-community")
+    assert d.license_link == "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
+
+
+@pytest.mark.parametrize("timesteps", [[999], [999, 499]])
+def test_sd3_card_snippet_runs_the_trainers_sigmas(tmp_path, timesteps):
+    """The SD3 card's snippet, run as written on a tiny SD3 pipeline and a LoRA: FlowMatchLCMScheduler at exactly the
+    trainer's sigmas (tests/test_families.py checks that these sample as the trainer does)."""
+    import torch
+
+    from sd_dmd.models.lora import save_lora
+    from sd_dmd.models.shared_unet import DMDModel, LoraSpec
+    from sd_dmd.models.tiny import build_tiny_sd3_pipeline
+
+    pipe_dir = str(build_tiny_sd3_pipeline(tmp_path / "sd3"))
+    m = DMDModel.from_pretrained(pipe_dir, generator_lora=LoraSpec(4, 4.0), fake_lora=LoraSpec(4, 4.0))
+    m.generator_timesteps = timesteps
+    save_lora(m, tmp_path / "final")
+    cfg = load_config(Config, ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained_model_name_or_path",
+                               pipe_dir, "--dmd.generator_timesteps", *map(str, timesteps)])[0]
+    write_model_card(cfg, tmp_path / "final", [], has_samples=False, pipeline="StableDiffusion3Pipeline")
+    card = ModelCard.load(tmp_path / "final" / "README.md")
+    assert "stable-diffusion-3" in card.data.tags and "lora_transformer_" in card.text
+    code = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)[0]
+    ns = {}
+    exec(compile(_runnable(code, tmp_path / "final", pipe_dir), "README.md", "exec"), ns)
+    sched = ns["pipe"].scheduler
+    assert type(sched).__name__ == "FlowMatchLCMScheduler"
+    assert torch.allclose(sched.sigmas[:-1], m.schedule.sigmas[timesteps], atol=1e-6)

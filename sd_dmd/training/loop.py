@@ -202,6 +202,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> "Traine
         save_config(cfg, out / "config.yaml")
     acc.wait_for_everyone()
     log(trainer.model.describe())
+    if trainer.model.family.flow:  # the DM range as the sigmas it covers (the teacher's shift applied)
+        log(f"DM timesteps: {trainer.model.schedule.describe_range(cfg.dmd.t_min, cfg.dmd.t_max)}")
     start_trackers(acc, cfg, out)
     if path is not None:
         trainer.load_checkpoint(path)
