@@ -36,8 +36,8 @@ def time_call(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
-    """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 | sdxl (SD1.5- and SDXL-base-shaped,
-    random weights)."""
+    """(diffusers pipeline dir, resolution) for tiny | medium | digits | sd15 | sdxl | tiny_sdxl | tiny_sd3 | sd35
+    (SD1.5-, SDXL-base- and SD3.5-Medium-shaped, random weights)."""
     from sd_dmd.models.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
 
     if kind == "tiny":
@@ -62,6 +62,17 @@ def bench_model(kind: str, tmp: Path) -> tuple[str, int]:
                         "from sd_dmd.models.tiny import build_sdxl_shaped_pipeline as b; b(sys.argv[1])",
                         str(tmp / "sdxl"), str(ROOT)], check=True)
         return str(tmp / "sdxl"), 1024
+    if kind == "tiny_sd3":
+        from sd_dmd.models.tiny import build_tiny_sd3_pipeline
+
+        return str(build_tiny_sd3_pipeline(tmp / "tiny_sd3")), 16
+    if kind == "sd35":  # built in a child process, as sdxl
+        import subprocess
+
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
+                        "from sd_dmd.models.tiny import build_sd35_shaped_pipeline as b; b(sys.argv[1])",
+                        str(tmp / "sd35"), str(ROOT)], check=True)
+        return str(tmp / "sd35"), 1024
     raise ValueError(f"unknown model kind {kind}")
 
 

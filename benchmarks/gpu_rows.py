@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_rows.py                 # on a GPU: SD1.5 shape (random weights), 512 px, bf16
     python benchmarks/gpu_rows.py --sdxl          # and the SDXL-shaped rows at 1024 px, if time allows
+    python benchmarks/gpu_rows.py --sd35          # and issue 38's SD3.5-Medium-shaped step at 1024 px
     python benchmarks/gpu_rows.py --dry           # anywhere: the tiny pipeline on the CPU, one step per row
 
 Rows (each printed as soon as it is measured, markdown, with the device line):
@@ -9,7 +10,10 @@ Rows (each printed as soon as it is measured, markdown, with the device line):
    batch 1 / 4 / 8 (DMD + TTUR 1, no regression);
 2. the gain of the one-call roles (train.one_call_roles on against off) and of torch.compile (compile time, then
    steady step time), at batch 4;
-3. one-step latency at 512 (UNet once, VAE decode) against the teacher's 50 CFG steps.
+3. one-step latency at 512 (UNet once, VAE decode) against the teacher's 50 CFG steps;
+4. ``--sd35``: issue 38's SD3.5-Medium-shaped step (random weights, 1024 px, batch 1, bf16, gradient checkpointing,
+   8-bit AdamW when bitsandbytes is there, GAN, 4-step backward simulation, text cache on): its step time and
+   torch.cuda.max_memory_allocated (target <= 24 GiB).
 """
 from __future__ import annotations
 
@@ -34,22 +38,25 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def trainer(path: str, res: int, prompts: str, batch: int, precision: str, out: Path, **train):
+def trainer(path: str, res: int, prompts: str, batch: int, precision: str, out: Path, _extra=None, **train):
+    """A Trainer at this shape (DMD, TTUR 1, no regression, rank 64); ``_extra``: config groups merged over it."""
     from accelerate import Accelerator
 
     from sd_dmd.config import from_dict
     from sd_dmd.training.config import Config
     from sd_dmd.training.loop import Trainer
 
-    cfg = from_dict(Config, {
+    tree = {
         "output_dir": str(out), "model": {"pretrained_model_name_or_path": path, "resolution": res,
                                           "weight_dtype": {"no": "fp32"}.get(precision, precision)},
         "lora": {"generator": {"rank": 64, "alpha": 64.0}, "fake": {"rank": 64, "alpha": 64.0}},
         "regression": {"loss": "none"}, "data": {"prompts": [prompts]}, "optim": {"warmup_steps": 0},
         "dmd": {"fake_updates_per_step": 1},
         "train": {"batch_size": batch, "mixed_precision": precision, "max_steps": 100, **train},
-        "logging": {"tracker": "none"}})
-    return Trainer(cfg, Accelerator(mixed_precision=precision), log=lambda *a, **k: None)
+        "logging": {"tracker": "none"}}
+    for group, values in (_extra or {}).items():
+        tree[group] = {**tree.get(group, {}), **values}
+    return Trainer(from_dict(Config, tree), Accelerator(mixed_precision=precision), log=lambda *a, **k: None)
 
 
 def step_fn(t):
@@ -114,7 +121,7 @@ def row_latency(path, res, repeats) -> None:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None).to(dev)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None).to(dev)
     pipe.set_progress_bar_config(disable=True)
     one = _timed(lambda: pipe("a photo", num_inference_steps=1, guidance_scale=0.0, height=res, width=res,
                               output_type="pil"), repeats)
@@ -124,10 +131,48 @@ def row_latency(path, res, repeats) -> None:
           f"| teacher, 50 steps, CFG | {fifty:.3f} |\n| ratio | {fifty / one:.1f}x |", flush=True)
 
 
+def row_sd35(path, res, precision, repeats, tmp) -> None:
+    """The SD3.5 row: a text cache and real latents made first (as a user would), then a step of the
+    configs/sd35_dmd2_4step shape (TTUR 1 to fit the time)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from PIL import Image
+
+    from sd_dmd import cache_text, encode_images
+
+    prompts = tmp / "sd35_p.txt"
+    prompts.write_text("\n".join(f"benchmark prompt {i}" for i in range(4)) + "\n")
+    (tmp / "sd35_img").mkdir(exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (res, res), (40 * i, 90, 160)).save(tmp / "sd35_img" / f"{i}.png")
+        (tmp / "sd35_img" / f"{i}.txt").write_text(f"benchmark prompt {i}")
+    with contextlib.redirect_stdout(io.StringIO()):  # their own summaries: not rows
+        cache_text.main(["--pretrained_model_name_or_path", path, "--prompts", str(prompts), "--output_dir",
+                         str(tmp / "sd35_cache"), "--extra_prompts", "a photo",
+                         "--mixed_precision", "bf16" if precision == "bf16" else "no"])
+        encode_images.main(["--images", str(tmp / "sd35_img"), "--pretrained_model_name_or_path", path,
+                            "--output_dir", str(tmp / "sd35_real"), "--resolution", str(res)])
+    opt8 = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+    _peak_reset()
+    t = trainer(path, res, str(prompts), 1, precision, tmp / "sd35_run", gradient_checkpointing=True,
+                _extra={"data": {"text_cache": str(tmp / "sd35_cache")}, "gan": {"real_latents": str(tmp / "sd35_real")},
+                        "dmd": {"generator_timesteps": [999, 749, 499, 249]},
+                        "optim": {"optimizer": "adamw8bit" if opt8 else "adamw"},
+                        "logging": {"validation_prompts": ["a photo"]}})
+    s = _timed(step_fn(t), repeats)
+    what = (f"batch 1, {precision}, grad ckpt, {'8-bit AdamW' if opt8 else 'AdamW (no bitsandbytes here)'}, GAN, "
+            f"4-step (k up to 3), text cache, {res} px")
+    print(f"\n| SD3.5-Medium-shaped step (issue 38) | step (s) | max_memory_allocated (GiB) |\n|---|---|---|\n"
+          f"| {what} | {s:.3f} | {_peak():.2f} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry", action="store_true", help="the tiny pipeline on the CPU, one step per row")
     p.add_argument("--sdxl", action="store_true", help="also the SDXL-shaped design rows at 1024 px")
+    p.add_argument("--sd35", action="store_true", help="also the SD3.5-Medium-shaped step (issue 38; --dry: tiny SD3)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
@@ -148,6 +193,9 @@ def main(argv=None):
         if args.sdxl and not args.dry:
             sdxl, res_xl = bench_model("sdxl", tmp)
             row_designs(sdxl, res_xl, str(prompts), [1, 2], precision, 3, tmp, three=False)
+        if args.sd35:
+            sd35, res35 = bench_model("tiny_sd3" if args.dry else "sd35", tmp)
+            row_sd35(sd35, res35, precision, 1 if args.dry else 3, tmp)
 
 
 if __name__ == "__main__":

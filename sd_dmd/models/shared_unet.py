@@ -129,9 +129,14 @@ def checkpoint_pinning_adapters(module: torch.nn.Module, *args):
 
 
 def _group_norm(channels: int) -> torch.nn.GroupNorm:
+    """GroupNorm(32) as DMD2's head; with under 64 channels (tiny test models) groups of 2 channels at least, so that
+    a 1x1 map at batch 1 still has more than one value per group."""
     import math
 
-    return torch.nn.GroupNorm(math.gcd(32, channels), channels)
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return torch.nn.GroupNorm(groups, channels)
 
 
 class GANHead(torch.nn.Module):

@@ -248,3 +248,35 @@ def build_tiny_sd3_pipeline(out_dir: str | Path, *, sample_size: int = 8, seed: 
                              text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                              text_encoder_3=te3, tokenizer_3=tok3 if t5 else None).save_pretrained(out)
     return out
+
+
+def build_sd35_shaped_pipeline(out: str | Path, dtype=torch.bfloat16) -> Path:
+    """Save an SD3.5-Medium-shaped ``StableDiffusion3Pipeline`` with random weights in ``dtype``: its MMDiT (24 joint
+    blocks, 1536 wide, dual attention in the first 13, QK RMS-norm; 2.2 B parameters), SD3's VAE shape (16 latent
+    channels, scale 1.5305, shift 0.0609), CLIP ViT-L and OpenCLIP bigG with projections, and no T5: a run from
+    ``data.text_cache`` never loads T5, and without it the pipeline's T5 tokens are zeros of the same shape.
+    For memory and speed benchmarks (random weights weigh and time like real ones)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    out = Path(out)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+                        sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407)
+    te = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, projection_dim=768, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                     **common))
+    tok = clip_tokenizer()
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None,
+                             tokenizer_3=None).to(dtype).save_pretrained(out)
+    return out
