@@ -238,7 +238,7 @@ def run_row(spec: dict) -> dict:
                             s["opt8"] == "on", s["reg"], s["taesd"], s["rank"], s["real"] if d2.get("gan") else None,
                             [999, 749, 499, 249][:d2.get("steps", 1)])
         if d2.get("steps"):  # the deepest backward simulation (3 no-grad G calls first): the step's upper bound
-            tr.draws.sim_steps = lambda step: d2["steps"] - 1
+            tr.draws.sim_steps = lambda: d2["steps"] - 1
         t_step = _timed(tr.train_step, s["repeats"])
         peak = mem.peak_gib()
         state = shared_state_gib(tr)

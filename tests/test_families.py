@@ -399,3 +399,24 @@ def test_a_separately_saved_vae_encodes_and_trains_only_with_its_own_store(kind,
     encode_images.main(["--images", str(inputs["dir"] / "img"), "--pretrained_model_name_or_path", pipe_dir,
                         "--output_dir", str(tmp_path / "real16"), "--resolution", "16", "--mixed_precision", "fp16"])
     assert "says force_upcast (it overflows in fp16, as SDXL's does): encoding in fp32" in capsys.readouterr().out
+
+
+def test_an_sd3_pipeline_saved_without_t5_loads_and_conditions_as_diffusers_does(tmp_path):
+    """SD3 saved with text_encoder_3=None (model_index: [null, null]): the family loads it (our model and the plain
+    pipeline, which diffusers refuses without text_encoder_3=None), T5's tokens are zeros as the pipeline makes them,
+    and the real score still equals the pipeline's guided x0."""
+    from sd_dmd.models.family import SD3, detect_family
+    from sd_dmd.models.tiny import build_tiny_sd3_pipeline
+
+    path = str(build_tiny_sd3_pipeline(tmp_path / "no_t5", t5=False))
+    assert detect_family(path) is SD3
+    m = _model(path)
+    assert len(m.text_encoders) == 2
+    cond = m.encode_prompts(PROMPTS)
+    assert torch.equal(cond[:, 77:-m.text.extra_rows], torch.zeros_like(cond[:, 77:-m.text.extra_rows]))
+    pipe = SD3.load_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    z = _z(2, path)
+    want = pipe(PROMPTS, latents=z.clone(), num_inference_steps=1, guidance_scale=3.0, output_type="latent").images
+    got = m.real_denoiser()(z, torch.full((2,), 999), cond)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

@@ -55,7 +55,9 @@ class EvalConfig:
     lora: Optional[str] = field(None, "one-step LoRA directory; none evaluates the plain pipeline")
     steps: int = field(1, "sampling steps (1 for the distilled model, 50 for the teacher)")
     guidance_scale: float = field(0.0, "CFG scale (0 for the distilled model, 3 for the guidance-3 teacher)")
-    scheduler: Literal["lcm", "ddim_trailing", "pndm", "ddim"] = field("lcm", "lcm/ddim_trailing for one step")
+    scheduler: Literal["lcm", "ddim_trailing", "pndm", "ddim", "euler"] = field(
+        "lcm", "lcm/ddim_trailing for one step (lcm: FlowMatchLCMScheduler for SD3); pndm/ddim for an SD/SDXL teacher, "
+               "euler (its own flow Euler) for an SD3 one")
     conditioning_timestep: int = field(999, "t* of the one-step generator (lcm)")
     timesteps: list[int] = field(default_factory=list, help=(
         "lcm sampling timesteps of a few-step generator; empty: the ones training recorded beside the LoRA, else "

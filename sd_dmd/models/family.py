@@ -203,6 +203,9 @@ class Family:
         return {"safety_checker": None, "requires_safety_checker": False} if self.name == "sd" else {}
 
     def load_pipeline(self, path: str, dtype=None, revision=None, variant=None, **kw):
+        """The family's plain pipeline; components it was saved without (:meth:`absent`) passed as None, as diffusers
+        asks."""
+        kw = {**{k: None for k in self.absent(path, revision)}, **kw}
         return self.pipeline_class().from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
                                                      **self.from_pretrained_kwargs(), **kw)
 
@@ -219,6 +222,7 @@ class Family:
 
         kw = dict(revision=revision)
         weights = dict(kw, variant=variant, dtype=dtype)
+        absent = self.absent(path, revision)
         scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
         self.prediction_type(scheduler.config, path)
         folder, cls = self.network
@@ -226,10 +230,18 @@ class Family:
         vae = (load_vae(vae, dtype=dtype, root=True) if vae else
                diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
         encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **weights)
-                    for sub, cls in self.text_encoders] if text_encoders else []
+                    for sub, cls in self.text_encoders if sub not in absent] if text_encoders else []
         tokenizers = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **kw)
-                      for sub, cls in self.tokenizers]
+                      for sub, cls in self.tokenizers if sub not in absent]
         return Components(unet, vae, encoders, tokenizers, scheduler)
+
+    def absent(self, path: str, revision=None, index: Optional[dict] = None) -> set:
+        """The optional components the pipeline was saved without (``[null, null]`` in its ``model_index.json``):
+        SD3's T5 (``text_encoder_3``, ``tokenizer_3``), whose tokens the pipeline then makes zeros."""
+        if self.name != "sd3":
+            return set()
+        index = model_index(path, revision) if index is None else index
+        return {k for k in ("text_encoder_3", "tokenizer_3") if k in index and not any(index[k])}
 
     def load_text_components(self, path: str, revision=None, variant=None, dtype=None) -> Components:
         """What encoding prompts needs: the text encoders and tokenizers, the scheduler, and the network built from
@@ -243,9 +255,11 @@ class Family:
         net_cls = getattr(diffusers, cls)
         with init_empty_weights():
             net = net_cls.from_config(net_cls.load_config(path, subfolder=folder, **kw))
+        absent = self.absent(path, revision)
         encoders = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw, variant=variant, dtype=dtype)
-                    for sub, c in self.text_encoders]
-        tokenizers = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw) for sub, c in self.tokenizers]
+                    for sub, c in self.text_encoders if sub not in absent]
+        tokenizers = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw)
+                      for sub, c in self.tokenizers if sub not in absent]
         scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
         return Components(net, None, encoders, tokenizers, scheduler)
 
@@ -315,7 +329,8 @@ def detect_family(path: str, revision: Optional[str] = None, index: Optional[dic
                     and len(v) > 1), "no UNet")
         raise ModelError(f"{path}: a {cls} ({net}) is not supported; supported teacher families: {SUPPORTED}")
     if Path(path).is_dir():
-        missing = [s for s in family.folders() if not (Path(path) / s).is_dir()]
+        absent = family.absent(path, revision, index)
+        missing = [s for s in family.folders() if s not in absent and not (Path(path) / s).is_dir()]
         if missing:
             raise ModelError(f"{path}: missing {'/, '.join(missing)}/ (a {cls} needs {'/, '.join(family.folders())}/)")
     return family
