@@ -302,7 +302,7 @@ class DMDModel:
             if m.dtype != weight_dtype:  # loaded in another dtype (from_pretrained loads in weight_dtype)
                 m.to(dtype=weight_dtype)
             m.to(self.device)
-        self.unet, self.vae = unet, vae
+        self.unet, self.vae, self.text_encoder = unet, vae, (self.text_encoders or [None])[0]
         self.resolution = resolution or int(unet.config.sample_size) * self.vae_factor
         self.text = family.conditioner(components, self.resolution, force_zeros_for_empty_prompt)
         self.base_params = sum(p.numel() for p in unet.parameters())
