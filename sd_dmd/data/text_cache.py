@@ -31,7 +31,7 @@ from sd_dmd.errors import PairsError
 FORMAT = "sd_dmd.text_cache/1"
 UNCOND = "\x00unconditional"  # item 0's prompt: CFG's unconditional conditioning (no prompt text is this)
 SHARD_INFO = b"sd_dmd_shard"
-DTYPES = {"fp32": (np.float32, torch.float32), "fp16": (np.float16, torch.float16)}
+DTYPES = {"fp32": np.float32, "fp16": np.float16}  # storage dtypes
 IDENTITY_KEYS = ("format", "family", "text_identity", "latent_shape", "latent_dtype", "resolution", "shard_size",
                  "num_items", "prompts_sha256")
 
@@ -41,17 +41,11 @@ class TextCacheError(PairsError):
 
 
 def text_identity(encoders: list) -> list:
-    """How a cache recognises its text encoders: a hash of each one's config (without its dtype and versions) and a
-    probe of its first weights, as ``teacher_identity`` does for the UNet (the same encoders in fp32, fp16 or bf16
-    match)."""
-    out = []
-    for e in encoders:
-        cfg = {k: v for k, v in e.config.to_dict().items()
-               if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
-        sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-        probe = [float(p.detach().flatten()[0].float()) for _, p in zip(range(64), e.parameters())]
-        out.append({"teacher_config_sha256": sha, "teacher_probe": probe})
-    return out
+    """How a cache recognises its text encoders: ``teacher_identity`` of each (the same encoders in fp32, fp16 or
+    bf16 match)."""
+    from sd_dmd.models.teacher import teacher_identity
+
+    return [teacher_identity(e) for e in encoders]
 
 
 def _same_identity(a: list, b: list) -> bool:
@@ -110,6 +104,21 @@ def _open_store(out: Path, manifest: dict, state) -> None:
     prepare(out, state, lambda: (out / MANIFEST).exists() or write_manifest(out, manifest))
 
 
+def _encode(prompts: list[str], text, uncond: torch.Tensor, batch_size: int, np_dtype, bar) -> list[bytes]:
+    """Each prompt's conditioning as bytes of ``np_dtype``, ``batch_size`` prompts an encoder call; the
+    unconditional marker takes ``uncond``."""
+    blobs = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b:b + batch_size]
+        conds = [uncond] if chunk[0] == UNCOND else []
+        rest = chunk[1:] if chunk[0] == UNCOND else chunk
+        if rest:
+            conds.append(text.encode(rest))
+        blobs += [e.tobytes() for e in torch.cat(conds).float().cpu().numpy().astype(np_dtype)]
+        bar.update(len(chunk))
+    return blobs
+
+
 def cache_text(cfg, log=print) -> dict:
     """Create or complete the cache described by ``cfg`` (:class:`sd_dmd.data.config.TextCacheConfig`): only the
     text encoders and tokenizers are loaded (the network's config alone, for the conditioning's sizes)."""
@@ -138,30 +147,20 @@ def cache_text(cfg, log=print) -> dict:
     probe = text.uncond()
     manifest = {"format": FORMAT, "model": cfg.pretrained_model_name_or_path, "revision": cfg.revision,
                 "family": family.name, "text_identity": text_identity(comps.text_encoders),
-                "latent_shape": list(probe.shape[1:]), "latent_dtype": np.dtype(DTYPES[cfg.dtype][0]).name,
+                "latent_shape": list(probe.shape[1:]), "latent_dtype": np.dtype(DTYPES[cfg.dtype]).name,
                 "resolution": resolution if family.name == "sdxl" else None, "mixed_precision": cfg.mixed_precision,
                 "shard_size": cfg.shard_size, "num_items": len(items), "prompts_sha256": prompts_sha256(items),
                 "item_0": "CFG's unconditional conditioning (DMDModel.uncond_embedding)"}
     _open_store(out, manifest, state)
     n_shards = math.ceil(len(items) / cfg.shard_size)
     todo, _ = pending_shards(out, n_shards, state, _complete(len(items), cfg.shard_size), log)
-    np_dtype = DTYPES[cfg.dtype][0]
     t0, done = time.time(), 0
     bar = tqdm(total=sum(min(len(items), (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in todo),
                unit="prompt", disable=not state.is_main_process, desc="encoding prompts", dynamic_ncols=True)
     with bar:
         for k in todo:
             ids = list(range(k * cfg.shard_size, min(len(items), (k + 1) * cfg.shard_size)))
-            blobs = []
-            for b in range(0, len(ids), cfg.batch_size):
-                chunk = [items[i] for i in ids[b:b + cfg.batch_size]]
-                conds = [probe] if chunk[0] == UNCOND else []
-                rest = chunk[1:] if chunk[0] == UNCOND else chunk
-                if rest:
-                    conds.append(text.encode(rest))
-                emb = torch.cat(conds).float().cpu().numpy().astype(np_dtype)
-                blobs += [e.tobytes() for e in emb]
-                bar.update(len(chunk))
+            blobs = _encode([items[i] for i in ids], text, probe, cfg.batch_size, DTYPES[cfg.dtype], bar)
             _write_shard(shard_path(out, k), ids, [items[i] for i in ids], blobs, ids[0])
             done += len(ids)
     from accelerate.utils import gather_object
@@ -198,7 +197,6 @@ class TextCache(ShardedStore):
         prompts = self.column_values("prompt")
         order = np.argsort(np.concatenate(indices), kind="stable")
         self.row = {prompts[int(j)]: r for r, j in enumerate(order)}
-        self.dtype = DTYPES["fp16" if m["latent_dtype"] == "float16" else "fp32"][1]
 
     def check_compatible(self, family: str, identity: Optional[list], resolution: int) -> None:
         """Training refuses a cache made for another family or text encoders (``identity`` None: the encoders are

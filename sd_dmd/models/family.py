@@ -74,6 +74,18 @@ def _time_ids(resolution: int) -> list[float]:
     return [resolution, resolution, 0, 0, resolution, resolution]
 
 
+def pack_rows(embeds: torch.Tensor, extra: torch.Tensor, rows: int) -> torch.Tensor:
+    """``embeds`` (B, L, D) with ``extra`` (B, n) zero-padded into ``rows`` more rows of width D after them."""
+    b, width = embeds.shape[0], embeds.shape[-1]
+    extra = torch.nn.functional.pad(extra.to(embeds.dtype), (0, rows * width - extra.shape[1]))
+    return torch.cat([embeds, extra.view(b, rows, width)], dim=1)
+
+
+def unpack_rows(cond: torch.Tensor, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_rows` undone: (the tokens, the first ``n`` values of the extra rows)."""
+    return cond[:, :-rows], cond[:, -rows:].reshape(cond.shape[0], -1)[:, :n]
+
+
 class SDXLText:
     """SDXL: both encoders' penultimate hidden states concatenated, ``text_encoder_2``'s pooled (projected) output and
     the six ``time_ids``, exactly as ``StableDiffusionXLPipeline.encode_prompt`` and ``__call__`` build them.
@@ -98,17 +110,13 @@ class SDXLText:
         self.extra_rows = math.ceil((self.pooled_dim + len(self.time_ids)) / self.width)
 
     def pack(self, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        b = embeds.shape[0]
-        ids = torch.tensor(self.time_ids, dtype=embeds.dtype, device=embeds.device).expand(b, -1)
-        extra = torch.cat([pooled.to(embeds.dtype), ids], dim=1)
-        extra = torch.nn.functional.pad(extra, (0, self.extra_rows * self.width - extra.shape[1]))
-        return torch.cat([embeds, extra.view(b, self.extra_rows, self.width)], dim=1)
+        ids = torch.tensor(self.time_ids, dtype=embeds.dtype, device=embeds.device).expand(embeds.shape[0], -1)
+        return pack_rows(embeds, torch.cat([pooled.to(embeds.dtype), ids], dim=1), self.extra_rows)
 
     def unet_kwargs(self, cond: torch.Tensor) -> dict:
-        n = self.pooled_dim + len(self.time_ids)
-        extra = cond[:, -self.extra_rows:].reshape(cond.shape[0], -1)[:, :n]
+        tokens, extra = unpack_rows(cond, self.extra_rows, self.pooled_dim + len(self.time_ids))
         added = {"text_embeds": extra[:, :self.pooled_dim], "time_ids": extra[:, self.pooled_dim:]}
-        return {"encoder_hidden_states": cond[:, :-self.extra_rows], "added_cond_kwargs": added}
+        return {"encoder_hidden_states": tokens, "added_cond_kwargs": added}
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]):
@@ -158,16 +166,14 @@ class SD3Text:
     def encode(self, prompts: list[str]) -> torch.Tensor:
         embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, do_classifier_free_guidance=False,
                                                        max_sequence_length=self.max_sequence_length)
-        b = embeds.shape[0]
-        extra = torch.nn.functional.pad(pooled.to(embeds.dtype), (0, self.extra_rows * self.width - self.pooled_dim))
-        return torch.cat([embeds, extra.view(b, self.extra_rows, self.width)], dim=1)
+        return pack_rows(embeds, pooled, self.extra_rows)
 
     def uncond(self) -> torch.Tensor:
         return self.encode([""])
 
     def unet_kwargs(self, cond: torch.Tensor) -> dict:
-        pooled = cond[:, -self.extra_rows:].reshape(cond.shape[0], -1)[:, :self.pooled_dim]
-        return {"encoder_hidden_states": cond[:, :-self.extra_rows], "pooled_projections": pooled}
+        tokens, pooled = unpack_rows(cond, self.extra_rows, self.pooled_dim)
+        return {"encoder_hidden_states": tokens, "pooled_projections": pooled}
 
 
 # ----- the families ------------------------------------------------------------------------------------------------
@@ -218,22 +224,30 @@ class Family:
         from sd_dmd.models.vae import load_vae
 
         import diffusers
-        import transformers
 
         kw = dict(revision=revision)
         weights = dict(kw, variant=variant, dtype=dtype)
-        absent = self.absent(path, revision)
         scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
         self.prediction_type(scheduler.config, path)
         folder, cls = self.network
         unet = getattr(diffusers, cls).from_pretrained(path, subfolder=folder, **weights)
         vae = (load_vae(vae, dtype=dtype, root=True) if vae else
                diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **weights))
-        encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **weights)
-                    for sub, cls in self.text_encoders if sub not in absent] if text_encoders else []
-        tokenizers = [getattr(transformers, cls).from_pretrained(path, subfolder=sub, **kw)
-                      for sub, cls in self.tokenizers if sub not in absent]
+        encoders, tokenizers = self._load_text(path, revision, variant, dtype, text_encoders)
         return Components(unet, vae, encoders, tokenizers, scheduler)
+
+    def _load_text(self, path: str, revision, variant, dtype, encoders: bool = True) -> tuple[list, list]:
+        """The text encoders (none with ``encoders=False``) and tokenizers, without those the pipeline was saved
+        without (:meth:`absent`)."""
+        import transformers
+
+        absent = self.absent(path, revision)
+        kw = dict(revision=revision)
+        loaded = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw, variant=variant, dtype=dtype)
+                  for sub, c in self.text_encoders if sub not in absent] if encoders else []
+        tokenizers = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw)
+                      for sub, c in self.tokenizers if sub not in absent]
+        return loaded, tokenizers
 
     def absent(self, path: str, revision=None, index: Optional[dict] = None) -> set:
         """The optional components the pipeline was saved without (``[null, null]`` in its ``model_index.json``):
@@ -247,7 +261,6 @@ class Family:
         """What encoding prompts needs: the text encoders and tokenizers, the scheduler, and the network built from
         its config on the meta device (its sizes only: no weights read or allocated); no VAE."""
         import diffusers
-        import transformers
         from accelerate import init_empty_weights
 
         kw = dict(revision=revision)
@@ -255,11 +268,7 @@ class Family:
         net_cls = getattr(diffusers, cls)
         with init_empty_weights():
             net = net_cls.from_config(net_cls.load_config(path, subfolder=folder, **kw))
-        absent = self.absent(path, revision)
-        encoders = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw, variant=variant, dtype=dtype)
-                    for sub, c in self.text_encoders if sub not in absent]
-        tokenizers = [getattr(transformers, c).from_pretrained(path, subfolder=sub, **kw)
-                      for sub, c in self.tokenizers if sub not in absent]
+        encoders, tokenizers = self._load_text(path, revision, variant, dtype)
         scheduler = getattr(diffusers, self.scheduler).from_pretrained(path, subfolder="scheduler", **kw)
         return Components(net, None, encoders, tokenizers, scheduler)
 

@@ -44,9 +44,7 @@ class LoraSource:
         Our LoRAs hold UNet weights alone, and ``load_lora_weights`` then logs diffusers' long "No LoRA keys associated
         to CLIPTextModel found ..." warning on every load. The UNet receives the same adapter either way
         (tests/test_model.py, tests/test_lora_forms.py)."""
-        where = dict(weight_name=self.file.name) if self.file else {}
-        out = pipe.lora_state_dict(str(self.file.parent) if self.file else self.ref, return_lora_metadata=True, **where)
-        (sd, metadata), network_alphas = (out, None) if len(out) == 2 else (out[::2], out[1])  # SD3: no alphas
+        sd, network_alphas, metadata = self.state_dict(pipe)
         if not all("lora" in k for k in sd):  # diffusers' own check
             raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
         if getattr(pipe, "transformer", None) is not None:  # SD3: its transformer; its text encoders warn as above
@@ -59,6 +57,13 @@ class LoraSource:
         if any(k.startswith(f"{pipe.text_encoder_name}.") for k in sd):  # e.g. a kohya file with lora_te_* keys
             pipe.load_lora_into_text_encoder(sd, network_alphas, pipe.text_encoder, lora_scale=pipe.lora_scale,
                                              metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
+
+    def state_dict(self, pipe) -> tuple[dict, Optional[dict], Optional[dict]]:
+        """(weights, network alphas, adapter metadata) as ``pipe`` (a pipeline or its class) reads them; SD3's
+        loader returns no alphas (None)."""
+        where = dict(weight_name=self.file.name) if self.file else {}
+        out = pipe.lora_state_dict(str(self.file.parent) if self.file else self.ref, return_lora_metadata=True, **where)
+        return (out[0], None, out[1]) if len(out) == 2 else tuple(out)
 
     def __str__(self) -> str:
         return f"{self.ref} ({self.form})"

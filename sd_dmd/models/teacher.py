@@ -98,12 +98,15 @@ def count_truncated(tokenizer, prompts: list[str]) -> int:
 
 
 def teacher_identity(unet) -> dict:
-    """How a store recognises its teacher: a hash of the UNet config and a probe of base weights.
+    """How a store recognises its teacher (or a text cache its text encoders): a hash of the network's config (a
+    diffusers one, or a transformers one without its dtype and version) and a probe of base weights.
 
     The probe (first weight value of the first 64 base tensors) is compared with a tolerance, so the
     same teacher held in fp32, fp16 or bf16 matches while another checkpoint does not.
     """
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    config = unet.config.to_dict() if hasattr(unet.config, "to_dict") else dict(unet.config)
+    cfg = {k: v for k, v in config.items()
+           if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
     sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     probe = []
     for name, p in unet.named_parameters():

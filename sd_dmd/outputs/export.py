@@ -69,10 +69,7 @@ def fuse_lora_into_unet(model: str, lora, out_dir: str | Path, dtype: torch.dtyp
     pipeline_cls = family.pipeline_class()  # StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline
     folder, cls = family.network  # the UNet, or SD3's transformer
     unet = getattr(diffusers, cls).from_pretrained(model, subfolder=folder, revision=revision, variant=variant).float()
-    where = dict(weight_name=src.file.name) if src.file else {}
-    loaded = pipeline_cls.lora_state_dict(str(src.file.parent) if src.file else src.ref, return_lora_metadata=True,
-                                          **where)
-    (sd, metadata), network_alphas = (loaded, None) if len(loaded) == 2 else (loaded[::2], loaded[1])
+    sd, network_alphas, metadata = src.state_dict(pipeline_cls)
     try:  # as the pipeline's load_lora_weights, for the network alone
         if folder == "transformer":
             pipeline_cls.load_lora_into_transformer(sd, unet, adapter_name=GENERATOR, metadata=metadata)

@@ -57,7 +57,9 @@ def one_step_pipeline(model: str, lora: str | LoraSource | None = None, schedule
     if fuse and lora is not None:
         pipe.fuse_lora()
     if channels_last:
-        (pipe.transformer if family.flow else pipe.unet).to(memory_format=torch.channels_last)
+        from sd_dmd.models.teacher import network
+
+        network(pipe).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
 
